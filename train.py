@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks.run_record import RunRecord, read_record, update_record
 from lightning_modules.data import AUGMENTATIONS, DATASETS, DataUnavailable
+from lightning_modules.models import has_batchnorm
 from lightning_modules.module import LR_RULES, SCHEDULES, AdversarialTraining, SGDClassifier, SGDConfig
 
 RECORD = "results.json"
@@ -105,7 +106,9 @@ def validate(cfg: DictConfig, multirun: bool) -> BatchPlan:
     if o.schedule not in SCHEDULES:
         raise ConfigError("optimizer.schedule", o.schedule, f"allowed: {', '.join(SCHEDULES)}")
     if o.schedule == "step" and not (o.step_epochs > 0 and 0 < o.gamma <= 1):
-        raise ConfigError("optimizer.step_epochs/gamma", (o.step_epochs, o.gamma), "need step_epochs > 0, 0 < gamma <= 1")
+        raise ConfigError(
+            "optimizer.step_epochs/gamma", (o.step_epochs, o.gamma), "need step_epochs > 0, 0 < gamma <= 1"
+        )
     if not o.warmup_epochs >= 0:
         raise ConfigError("optimizer.warmup_epochs", o.warmup_epochs, "must be >= 0")
     if cfg.data.name not in DATASETS:
@@ -113,10 +116,16 @@ def validate(cfg: DictConfig, multirun: bool) -> BatchPlan:
     if cfg.data.get("augment", "none") not in AUGMENTATIONS:
         raise ConfigError("data.augment", cfg.data.augment, f"allowed: {', '.join(AUGMENTATIONS)}")
     t = cfg.trainer
-    if not (t.max_epochs is None or t.max_epochs == -1 or (isinstance(t.max_epochs, int) and t.max_epochs >= 1)):
-        raise ConfigError("trainer.max_epochs", t.max_epochs, "must be an integer >= 1 (or -1 with max_steps)")
+    if not (
+        t.max_epochs is None or t.max_epochs == -1 or (isinstance(t.max_epochs, int) and t.max_epochs >= 1)
+    ):
+        raise ConfigError(
+            "trainer.max_epochs", t.max_epochs, "must be an integer >= 1 (or -1 with max_steps)"
+        )
     if t.max_steps != -1 and not (isinstance(t.max_steps, int) and t.max_steps >= 1):
-        raise ConfigError("trainer.max_steps", t.max_steps, "must be an integer >= 1, or -1 for no step budget")
+        raise ConfigError(
+            "trainer.max_steps", t.max_steps, "must be an integer >= 1, or -1 for no step budget"
+        )
     a = cfg.adversarial_training
     if a.enabled:
         if a.attack not in ("fgsm", "pgd"):
@@ -135,19 +144,24 @@ def validate(cfg: DictConfig, multirun: bool) -> BatchPlan:
     world = _world_size(cfg)
     if b % world:
         raise ConfigError(
-            "optimizer.batch_size", b,
-            f"the global batch must split evenly across {world} devices (trainer.devices x trainer.num_nodes); "
+            "optimizer.batch_size",
+            b,
+            f"the global batch must split evenly across {world} devices "
+            f"(trainer.devices x trainer.num_nodes); "
             f"nearest valid sizes: {b - b % world or world}, {b - b % world + world}",
         )
     strategy = str(t.get("strategy", "auto"))
     under_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
     if multirun and world > 1 and strategy.startswith("ddp") and "spawn" not in strategy and not under_slurm:
         raise ConfigError(
-            "trainer.strategy", strategy,
+            "trainer.strategy",
+            strategy,
             "a local Hydra multirun with plain ddp re-launches the whole sweep in each child process; "
-            "use trainer=ddp_spawn locally, or the SLURM launcher (hydra/launcher=submitit_slurm), where SLURM "
-            "starts the ranks",
+            "use trainer=ddp_spawn locally, or the SLURM launcher (hydra/launcher=submitit_slurm), "
+            "where SLURM starts the ranks",
         )
+    if world > 1 and t.get("sync_batchnorm") and t.accelerator == "cpu":
+        raise ConfigError("trainer.sync_batchnorm", True, "needs GPUs (nn.SyncBatchNorm refuses CPU tensors)")
     per_device = b // world
     max_micro = cfg.get("max_micro_batch")
     if max_micro is not None and (not isinstance(max_micro, int) or max_micro < 1):
@@ -162,18 +176,26 @@ def build_model(cfg: DictConfig) -> torch.nn.Module:
     """Instantiate the model for the data's input shape; a mismatch is a config error."""
     info = DATASETS[cfg.data.name]
     try:
-        net = hydra.utils.instantiate(cfg.model, input_shape=info.input_shape, num_classes=info.num_classes,
-                                      mean=info.mean, std=info.std)
+        net = hydra.utils.instantiate(
+            cfg.model,
+            input_shape=info.input_shape,
+            num_classes=info.num_classes,
+            mean=info.mean,
+            std=info.std,
+        )
         with torch.no_grad():
             out = net.eval()(torch.zeros(2, *info.input_shape))
         net.train()
     except Exception as e:
         raise ConfigError(
-            "model", cfg.model._target_.rsplit(".", 1)[-1],
+            "model",
+            cfg.model._target_.rsplit(".", 1)[-1],
             f"does not fit data={cfg.data.name} (input shape {info.input_shape}): {e}",
         ) from None
     if tuple(out.shape) != (2, info.num_classes):
-        raise ConfigError("model", cfg.model._target_, f"returns shape {tuple(out.shape)}, expected (N, {info.num_classes})")
+        raise ConfigError(
+            "model", cfg.model._target_, f"returns shape {tuple(out.shape)}, expected (N, {info.num_classes})"
+        )
     return net
 
 
@@ -181,8 +203,9 @@ def provenance() -> dict:
     import pytorch_lightning as pl
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
     except Exception:
         commit = ""
     return {
@@ -212,20 +235,27 @@ def build_loggers(cfg: DictConfig, out_dir: Path) -> list:
     WANDB_MODE unset) it runs offline; its run id is kept in the run dir, so a resumed job
     continues the same W&B run."""
     loggers = []
-    for name, lcfg in (cfg.get("logger") or {}).items():
+    for lcfg in (cfg.get("logger") or {}).values():
         if lcfg is None:
             continue
         if lcfg._target_.endswith("WandbLogger"):
             id_file = out_dir / "wandb_id.txt"
             if not id_file.exists():
-                id_file.write_text(hashlib.sha1(f"{out_dir.resolve()}{time.time()}".encode()).hexdigest()[:16])
-            extra = {"id": id_file.read_text().strip(), "resume": "allow",
-                     "config": OmegaConf.to_container(cfg, resolve=True)}
+                id_file.write_text(
+                    hashlib.sha1(f"{out_dir.resolve()}{time.time()}".encode()).hexdigest()[:16]
+                )
+            extra = {
+                "id": id_file.read_text().strip(),
+                "resume": "allow",
+                "config": OmegaConf.to_container(cfg, resolve=True),
+            }
             if not os.environ.get("WANDB_MODE") and not _wandb_has_credentials():
                 extra["mode"] = "offline"  # per run: does not leak into later jobs like offline=True does
-                print(f"[train] W&B: no credentials found, logging offline. Upload later with:\n"
-                      f"    wandb sync {out_dir / 'wandb'}/offline-run-*")
-            loggers.append(hydra.utils.instantiate(lcfg, **extra))
+                print(
+                    f"[train] W&B: no credentials found, logging offline. Upload later with:\n"
+                    f"    wandb sync {out_dir / 'wandb'}/offline-run-*"
+                )
+            loggers.append(hydra.utils.instantiate(lcfg, _partial_=True)(**extra))
         else:
             loggers.append(hydra.utils.instantiate(lcfg))
     loggers.append(RunRecord(out_dir / RECORD))
@@ -262,8 +292,10 @@ def summarize(record: dict, out_dir: Path) -> str:
     extra = {k: v for k, v in f.items() if k.startswith(("hessian/", "adv/")) and isinstance(v, float)}
     if extra:
         lines.append("[train] " + "  ".join(f"{k} {v:.4g}" for k, v in sorted(extra.items())[:8]))
-    lines.append(f"[train] run dir: {out_dir}  (config: .hydra/config.yaml, record: {RECORD}, "
-                 f"checkpoints: checkpoints/, logs: csv/ or wandb/)")
+    lines.append(
+        f"[train] run dir: {out_dir}  (config: .hydra/config.yaml, record: {RECORD}, "
+        f"checkpoints: checkpoints/, logs: csv/ or wandb/)"
+    )
     return "\n".join(lines)
 
 
@@ -277,9 +309,11 @@ def train(cfg: DictConfig, out_dir: Path, multirun: bool = False) -> float | Non
     rank_zero = _is_rank_zero()
     try:
         plan = validate(cfg, multirun)
+        torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
         net = build_model(cfg)
-        datamodule = hydra.utils.instantiate(cfg.data, batch_size=plan.global_batch,
-                                             micro_batch_size=plan.micro_batch, seed=cfg.seed)
+        datamodule = hydra.utils.instantiate(
+            cfg.data, batch_size=plan.global_batch, micro_batch_size=plan.micro_batch, seed=cfg.seed
+        )
         if rank_zero:
             datamodule.prepare_data()  # offline and no files: one clear error, before any training
     except (ConfigError, DataUnavailable) as e:
@@ -306,30 +340,42 @@ def train(cfg: DictConfig, out_dir: Path, multirun: bool = False) -> float | Non
         torch.set_num_threads(cfg.threads)
     if rank_zero:
         update_record(
-            record_path, status="running", overrides=_overrides(), config=OmegaConf.to_container(cfg, resolve=True),
-            batch_plan=dataclasses.asdict(plan), provenance=provenance(), resumed_from=str(resume) if resume else None,
-            started_at=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None,
+            record_path,
+            status="running",
+            overrides=_overrides(),
+            config=OmegaConf.to_container(cfg, resolve=True),
+            batch_plan=dataclasses.asdict(plan),
+            provenance=provenance(),
+            resumed_from=str(resume) if resume else None,
+            started_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            error=None,
         )
         if resume:
             print(f"[train] resuming from {resume}")
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = SGDClassifier(
-        net, SGDConfig(**cfg.optimizer), AdversarialTraining(**cfg.adversarial_training),
-        per_device_batch=plan.per_device, micro_batch=plan.micro_batch, num_classes=DATASETS[cfg.data.name].num_classes,
+        net,
+        SGDConfig(**cfg.optimizer),
+        AdversarialTraining(**cfg.adversarial_training),
+        per_device_batch=plan.per_device,
+        micro_batch=plan.micro_batch,
+        num_classes=DATASETS[cfg.data.name].num_classes,
     )
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg, out_dir), accumulate_grad_batches=plan.accumulate,
-        use_distributed_sampler=False, default_root_dir=str(out_dir),
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=build_loggers(cfg, out_dir),
+        accumulate_grad_batches=plan.accumulate,
+        use_distributed_sampler=False,
+        default_root_dir=str(out_dir),
     )
-    if plan.world_size > 1 and trainer.accelerator.__class__.__name__ == "CPUAccelerator" and cfg.trainer.sync_batchnorm:
-        raise SystemExit("error: trainer.sync_batchnorm=true needs GPUs (nn.SyncBatchNorm refuses CPU tensors)")
-    if plan.world_size > 1 and not cfg.trainer.sync_batchnorm and any(
-        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()
-    ) and rank_zero:
-        print(f"[train] note: BatchNorm uses per-device statistics over {plan.micro_batch} samples "
-              f"(no SyncBatchNorm on this run); the global batch is {plan.global_batch}.")
+    if plan.world_size > 1 and not cfg.trainer.sync_batchnorm and has_batchnorm(net) and rank_zero:
+        print(
+            f"[train] note: BatchNorm uses per-device statistics over {plan.micro_batch} samples "
+            f"(no SyncBatchNorm on this run); the global batch is {plan.global_batch}."
+        )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
         trainer.validate(module, datamodule=datamodule, verbose=False)  # final metrics, all eval sets

@@ -94,7 +94,9 @@ def annotate_run(trainer, **fields: Any) -> None:
 def log_after_training(trainer, metrics: dict[str, float]) -> None:
     """Log metrics where Lightning forbids ``self.log`` (``on_train_end``): straight to the loggers
     (rank 0), and into ``trainer.callback_metrics`` so the caller of ``fit`` sees them."""
-    values = {k: float(_plain(v)) if not isinstance(_plain(v), str) else float("nan") for k, v in metrics.items()}
+    values = {
+        k: float(_plain(v)) if not isinstance(_plain(v), str) else float("nan") for k, v in metrics.items()
+    }
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)

