@@ -94,8 +94,8 @@ class SGDClassifier(pl.LightningModule):
                 "num_classes": num_classes,
             }
         )
-        self.train_loss = torchmetrics.MeanMetric()
-        self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+        # running [sum of losses x samples, correct, samples] of this epoch (cheaper than metrics per step)
+        self.register_buffer("train_sums", torch.zeros(3, dtype=torch.float64), persistent=False)
         self.eval_loss = nn.ModuleList(torchmetrics.MeanMetric() for _ in range(3))
         self.eval_acc = nn.ModuleList(
             torchmetrics.Accuracy(task="multiclass", num_classes=num_classes) for _ in range(3)
@@ -133,18 +133,23 @@ class SGDClassifier(pl.LightningModule):
             x = self._adversarial_batch(x, y)
         logits = self.net(x)
         loss = self.loss_fn(logits, y)
-        self.train_loss.update(loss.detach(), weight=len(y))
-        self.train_acc.update(logits.detach(), y)
-        self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+        with torch.no_grad():
+            correct = (logits.argmax(1) == y).sum()
+            n = torch.full_like(correct, len(y))
+            self.train_sums += torch.stack([loss.detach() * len(y), correct, n]).to(torch.float64)
+        if batch_idx % self.trainer.log_every_n_steps == 0:
+            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
     def on_train_epoch_end(self) -> None:
         opt = self.optimizers()
         group = (opt.optimizer if hasattr(opt, "optimizer") else opt).param_groups[0]
+        loss_sum, correct, n = self.trainer.strategy.reduce(self.train_sums.clone(), reduce_op="sum")
+        self.train_sums.zero_()
         self.log_dict(
             {
-                "train/loss": self.train_loss.compute(),
-                "train/acc": self.train_acc.compute(),
+                "train/loss": loss_sum / n,  # mean over this epoch's training samples, all ranks
+                "train/acc": correct / n,
                 "opt/lr": group["lr"],
                 "opt/momentum": group["momentum"],
                 "opt/batch_size": float(self.sgd.batch_size),
@@ -153,8 +158,6 @@ class SGDClassifier(pl.LightningModule):
             },
             sync_dist=False,
         )
-        self.train_loss.reset()
-        self.train_acc.reset()
 
     # ---- evaluation: dataloader 0 = val, 1 = test, 2 = train_eval ----------------------------
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):

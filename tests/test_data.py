@@ -1,0 +1,105 @@
+"""The data: embedded digits split, global batches on any device count, offline errors, augmentation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_modules.data import (
+    DataUnavailable,
+    GlobalBatchSampler,
+    ImageDataModule,
+    ImageTensorDataset,
+    load_mnist5k,
+    load_torchvision,
+)
+
+
+def test_mnist5k_is_real_digits_split_stratified_and_fixed():
+    images, targets = load_mnist5k()
+    assert images.shape == (5000, 1, 28, 28) and images.dtype == torch.uint8
+    assert torch.bincount(targets).tolist() == [500] * 10
+    dm = ImageDataModule("mnist5k")
+    dm.setup()
+    sizes = {k: len(dm.splits[k]) for k in ("train", "val", "test")}
+    assert sizes == {"train": 4000, "val": 500, "test": 500}
+    for split, per_class in (("train", 400), ("val", 50), ("test", 50)):
+        assert torch.bincount(dm.splits[split].targets).tolist() == [per_class] * 10
+    x, y = dm.splits["test"][0]
+    assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 and x.max() > 0.9
+    # no digit in two splits, and the same split every time
+    flat = {k: {bytes(img.numpy()) for img in dm.splits[k].images} for k in ("train", "val", "test")}
+    assert not (flat["train"] & flat["test"]) and not (flat["val"] & flat["test"])
+    dm2 = ImageDataModule("mnist5k")
+    dm2.setup()
+    assert torch.equal(dm.splits["test"].images, dm2.splits["test"].images)
+
+
+@pytest.mark.parametrize(
+    "n,batch,world,micro", [(100, 32, 1, 32), (100, 32, 2, 16), (100, 32, 4, 4), (10, 8, 2, 4)]
+)
+def test_ranks_together_see_exactly_the_one_device_global_batches(n, batch, world, micro):
+    one = list(GlobalBatchSampler(n, batch, batch, 0, 1, seed=3))
+    per_rank = [list(GlobalBatchSampler(n, batch, micro, r, world, seed=3)) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1  # every rank takes the same number of steps
+    steps = len(per_rank[0]) // (-(-batch // world // micro))
+    for k in range(steps):
+        merged = []
+        chunks = len(per_rank[0]) // steps
+        for r in range(world):
+            for b in per_rank[r][k * chunks : (k + 1) * chunks]:
+                merged += b
+        assert sorted(merged) == sorted(one[k]), k
+    s = GlobalBatchSampler(n, batch, batch, 0, 1, seed=3)
+    s.set_epoch(1)
+    assert list(s) != one  # reshuffled each epoch
+    assert len(per_rank[0]) == len(list(GlobalBatchSampler(n, batch, micro, 0, world, seed=3)))
+
+
+def test_augmentation_only_on_training_batches():
+    dm = ImageDataModule("mnist5k", augment="crop_flip", crop_padding=2)
+    dm.setup()
+    torch.manual_seed(0)
+    train_views = torch.stack([dm.splits["train"][0][0] for _ in range(8)])
+    assert not all(torch.equal(train_views[0], v) for v in train_views)
+    clean = dm.measurement_dataset("train")
+    assert clean.augment == "none" and all(torch.equal(clean[0][0], clean[0][0]) for _ in range(4))
+    assert dm.splits["test"].augment == "none" and dm.splits["val"].augment == "none"
+
+
+def test_crop_keeps_shape_and_pixel_range():
+    ds = ImageTensorDataset(
+        torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.arange(4), "crop_flip"
+    )
+    for i in range(4):
+        x, _ = ds[i]
+        assert x.shape == (3, 32, 32) and 0 <= x.min() and x.max() <= 1
+
+
+@pytest.mark.parametrize(
+    "name,expected", [("mnist", "train-images-idx3-ubyte"), ("cifar10", "cifar-10-python.tar.gz")]
+)
+def test_offline_without_files_says_which_files_to_put_where(tmp_path, name, expected):
+    with pytest.raises(DataUnavailable) as e:
+        load_torchvision(name, str(tmp_path), train=True, download=False)
+    msg = str(e.value)
+    assert expected in msg and str(tmp_path) in msg and "data=mnist5k" in msg
+
+
+def test_torchvision_files_in_data_dir_are_loaded_in_pixel_space(tmp_path):
+    """Write a tiny MNIST in the raw idx format torchvision reads, then load it through our path."""
+    import struct
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", 6), ("t10k", 4)):
+        imgs = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 2051, n, 28, 28) + imgs.numpy().tobytes()
+        )
+        labels = torch.arange(n, dtype=torch.uint8) % 10
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            struct.pack(">II", 2049, n) + labels.numpy().tobytes()
+        )
+    images, targets = load_torchvision("mnist", str(tmp_path), train=False, download=False)
+    assert images.shape == (4, 1, 28, 28) and targets.tolist() == [0, 1, 2, 3]
