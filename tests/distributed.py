@@ -7,7 +7,9 @@ spawned processes); its return value (tensors, numbers, dicts) comes back per ra
 from __future__ import annotations
 
 import os
+import pickle
 import socket
+import time
 import traceback
 
 import torch
@@ -27,7 +29,8 @@ def _worker(rank, world_size, port, fn, args, queue):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        queue.put((rank, True, fn(rank, world_size, *args)))
+        # plain pickle (tensors by value): shared-memory handles die with this process
+        queue.put((rank, True, pickle.dumps(fn(rank, world_size, *args))))
     except BaseException:  # report to the parent instead of hanging it
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -46,9 +49,22 @@ def run_in_process_group(fn, *args, world_size: int = 2, timeout: float = 300.0)
         p.start()
     results: dict[int, object] = {}
     errors = []
-    for _ in range(world_size):
+    deadline = time.monotonic() + timeout
+    while len(results) + len(errors) < world_size:
+        if queue.empty():
+            if time.monotonic() > deadline or not any(p.is_alive() for p in procs):
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(
+                    f"distributed workers did not all report within {timeout:.0f} s (out of step?)"
+                )
+            time.sleep(0.05)
+            continue
         rank, ok, value = queue.get()
-        (results.__setitem__(rank, value) if ok else errors.append(f"rank {rank}:\n{value}"))
+        if ok:
+            results[rank] = pickle.loads(value)
+        else:
+            errors.append(f"rank {rank}:\n{value}")
     for p in procs:
         p.join(timeout)
     if errors:
