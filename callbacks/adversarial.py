@@ -1,0 +1,478 @@
+"""Adversarial attacks (FGSM, PGD L∞/L2) and robust-accuracy counting, in plain torch.
+
+No Lightning import: the attack callback and adversarial training import from here.
+
+Conventions
+-----------
+* Inputs live in [0, 1] pixel space and stay there (every iterate is clamped); the model
+  takes such inputs and returns logits; the attack loss is cross-entropy.
+* Gradients are taken with respect to the input only (``torch.autograd.grad``), never with
+  ``.backward()``. After any function here returns, the model's train/eval flags, the
+  parameters' ``.grad``, every buffer (BatchNorm running statistics) and the global RNG
+  state are exactly as before (``preserved_module_state``).
+* Nothing here changes the model's mode: the caller decides. torchattacks switches the
+  model to eval for the attack; the robustness callback calls these functions on a model in
+  eval mode, and adversarial training decides for itself.
+* The functions work when called under ``torch.no_grad()`` or ``torch.inference_mode()``
+  (inputs created in inference mode are cloned outside it).
+* Random starts never use the global RNG: ``fgsm``/``pgd`` draw from the ``generator``
+  given (a fixed-seed one when ``None``); ``robust_accuracy_counts`` derives each sample's
+  start from (seed, the sample's index in the evaluation set) with a counter-based hash, so
+  its counts do not depend on batching or on how samples are split across ranks.
+
+Agreement with torchattacks 3.5.1 (``FGSM``, ``PGD``, ``PGDL2``; random start off): same
+steps, projection order and clamping; the step differs only where it does not matter.
+The loss here is summed over the batch (torchattacks averages it), so each sample's
+gradient does not depend on the batch size: the sign (L∞) is unchanged, and the L2 step
+``g / (||g|| + 1e-10)`` differs only for gradients of norm ~1e-10 · batch size. The L∞
+projection is done as one clamp into ``[max(x - eps, 0), min(x + eps, 1)]``, which equals
+torchattacks' ``clamp(x + clamp(adv - x, -eps, eps), 0, 1)`` up to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from callbacks.common import all_reduce_sum, gradients_enabled, preserved_module_state
+
+NORMS = ("linf", "l2")
+ATTACKS = ("fgsm", "pgd")
+L2_DIVISION_EPS = 1e-10  # torchattacks' ``eps_for_division`` in the normalized L2 step
+
+
+# --------------------------------------------------------------------------- attack specs
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack configuration of an evaluation grid.
+
+    ``step_size=None`` means 2.5 · eps / steps (Madry et al.). FGSM is L∞ only and has no
+    steps or random start. ``tag`` is appended to ``key`` to tell apart two specs that would
+    otherwise share a key (e.g. PGD-10 and PGD-40 at the same eps).
+    """
+
+    name: str
+    eps: float
+    norm: str = "linf"
+    steps: int = 10
+    step_size: float | None = None
+    random_start: bool = True
+    tag: str = ""
+
+    def __post_init__(self):
+        if self.name not in ATTACKS:
+            raise ValueError(f"attack name must be one of {ATTACKS}, got {self.name!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.name == "fgsm" and self.norm != "linf":
+            raise ValueError(f"fgsm is an L-inf attack, got norm={self.norm!r}")
+        if not (self.eps >= 0 and math.isfinite(self.eps)):
+            raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
+        if int(self.steps) != self.steps or self.steps < 0:
+            raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
+        if self.step_size is not None and not self.step_size > 0:
+            raise ValueError(f"step_size must be > 0 or None, got {self.step_size!r}")
+
+    @property
+    def key(self) -> str:
+        """Readable name, e.g. ``"pgd_linf_eps0.1"`` or ``"fgsm_linf_eps0.0314"``."""
+        return f"{self.name}_{self.norm}_eps{self.eps:.4g}" + (f"_{self.tag}" if self.tag else "")
+
+    @property
+    def alpha(self) -> float:
+        """The PGD step size actually used."""
+        if self.step_size is not None:
+            return float(self.step_size)
+        return 2.5 * self.eps / max(self.steps, 1)
+
+
+# --------------------------------------------------------------------------- primitives
+
+
+def _as_autograd_input(t: torch.Tensor) -> torch.Tensor:
+    """``t`` usable in an autograd graph: inference tensors are cloned, others detached."""
+    return t.clone() if t.is_inference() else t.detach()
+
+
+def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
+    p = next(model.parameters(), None)
+    return fallback if p is None else p.device
+
+
+def _input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """d/dx of the summed cross-entropy (so each row is that sample's own gradient)."""
+    x = x.detach().requires_grad_(True)
+    loss = F.cross_entropy(model(x), y, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
+def _flat_norm(t: torch.Tensor) -> torch.Tensor:
+    """Per-sample L2 norm, shaped to broadcast against ``t``."""
+    return t.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def _linf_box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds of the L∞ ball around ``x`` intersected with [0, 1]."""
+    return (x - eps).clamp_(min=0), (x + eps).clamp_(max=1)
+
+
+def _pgd_step(
+    adv: torch.Tensor,
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    eps: float,
+    alpha: float,
+    norm: str,
+    box: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """One ascent step followed by projection on the eps-ball and on [0, 1]."""
+    if norm == "linf":
+        return (adv + alpha * grad.sign()).clamp_(box[0], box[1])
+    grad = grad / (_flat_norm(grad) + L2_DIVISION_EPS)
+    delta = adv + alpha * grad - x
+    factor = torch.clamp(eps / _flat_norm(delta), max=1.0)  # eps / 0 = inf -> 1
+    return (x + delta * factor).clamp_(0, 1)
+
+
+def _generator_start(
+    x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Random start drawn from ``generator`` (as torchattacks draws it), clamped to [0, 1].
+
+    L∞: uniform in [-eps, eps] per pixel. L2: uniform direction, radius uniform in
+    [0, eps] (torchattacks' choice; not uniform in the ball).
+    """
+    if generator is None:
+        generator = torch.Generator(device=x.device).manual_seed(0)
+    kw = {"generator": generator, "device": generator.device, "dtype": x.dtype}
+    if norm == "linf":
+        delta = (torch.rand(x.shape, **kw) * 2 - 1) * eps
+    else:
+        delta = torch.randn(x.shape, **kw)
+        radius = torch.rand((len(x),) + (1,) * (x.dim() - 1), **kw)
+        delta = delta * radius / _flat_norm(delta) * eps
+    return (x + delta.to(x.device)).clamp_(0, 1)
+
+
+# --------------------------------------------------------------------------- per-sample noise
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(a: torch.Tensor, c: int) -> torch.Tensor:
+    """(a · c) mod 2^32 for int64 ``a`` in [0, 2^32), without int64 overflow."""
+    high = ((a * (c >> 16)) & 0xFFFF) << 16
+    return (high + a * (c & 0xFFFF)) & _M32
+
+
+def _hash32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixing function (Wellons' lowbias32) on int64 tensors."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = _mul32(h, 0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def _sample_uniform(
+    idx: torch.Tensor, seed: int, stream: int, n: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Uniform numbers in (0, 1), shape (len(idx), n), a function of (seed, idx, stream, j) only.
+
+    Counter-based: the value for sample ``idx`` and position ``j`` is a hash of those
+    integers, so it is the same whatever batch or rank the sample is in.
+    """
+    idx = idx.to(device=device, dtype=torch.int64)
+    base = _hash32(torch.tensor((seed * 0x9E3779B9 + stream * 0x85EBCA6B) & _M32, device=device))
+    key = _hash32(_hash32(base ^ (idx & _M32)) ^ ((idx >> 32) & _M32))
+    pos = _hash32((torch.arange(n, device=device, dtype=torch.int64) * 0x27D4EB2F + 1) & _M32)
+    bits = _hash32(key[:, None] ^ pos[None, :]) >> 8  # 24 random bits
+    return (bits.to(dtype) + 0.5) * 2.0**-24
+
+
+def per_sample_unit_start(x: torch.Tensor, idx: torch.Tensor, seed: int, norm: str) -> torch.Tensor:
+    """Random-start perturbation for eps = 1, each sample's a function of (seed, idx) only.
+
+    L∞: uniform in [-1, 1] per pixel. L2: uniform direction (Box-Muller normals, normalized)
+    times a radius uniform in [0, 1], as torchattacks' ``PGDL2``. Multiply by eps to use.
+    """
+    n, d = len(x), x[0].numel()
+    if norm == "linf":
+        unit = _sample_uniform(idx, seed, 0, d, x.dtype, x.device) * 2 - 1
+    else:
+        u1 = _sample_uniform(idx, seed, 1, d, x.dtype, x.device)
+        u2 = _sample_uniform(idx, seed, 2, d, x.dtype, x.device)
+        z = torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+        radius = _sample_uniform(idx, seed, 3, 1, x.dtype, x.device)
+        unit = z / z.norm(dim=1, keepdim=True) * radius
+    return unit.view(n, *x.shape[1:])
+
+
+# --------------------------------------------------------------------------- attacks
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """FGSM (Goodfellow et al.): ``clamp(x + eps · sign(∇x CE), 0, 1)``, detached.
+
+    Matches ``torchattacks.FGSM`` on the same model in the same mode. Leaves the model's
+    mode, ``.grad``, buffers and the global RNG as found; runs under no_grad/inference_mode.
+    """
+    with gradients_enabled(), preserved_module_state(model):
+        x, y = _as_autograd_input(x), _as_autograd_input(y)
+        grad = _input_gradient(model, x, y)
+        return (x + eps * grad.sign()).clamp_(0, 1).detach()
+
+
+def _pgd_from(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    start: torch.Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    norm: str,
+) -> torch.Tensor:
+    """``steps`` PGD iterations from ``start`` (no state handling; the callers do it)."""
+    box = _linf_box(x, eps) if norm == "linf" else None
+    adv = start
+    for _ in range(steps):
+        grad = _input_gradient(model, adv, y)
+        adv = _pgd_step(adv.detach(), grad, x, eps, alpha, norm, box)
+    return adv.detach()
+
+
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    step_size: float,
+    steps: int,
+    *,
+    norm: str = "linf",
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Projected gradient descent (Madry et al.) in the L∞ or L2 ball, detached result.
+
+    Each step: ``adv += step_size · sign(g)`` (L∞) or ``step_size · g / (||g|| + 1e-10)``
+    (L2), then projection on the eps-ball around ``x`` and clamping to [0, 1]. The random
+    start is drawn from ``generator`` (a generator seeded with 0 when ``None``; the global
+    RNG is never used). With ``random_start=False`` it matches ``torchattacks.PGD`` /
+    ``torchattacks.PGDL2``. Leaves the model's mode, ``.grad``, buffers and the global RNG
+    as found; runs under no_grad/inference_mode.
+    """
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    with gradients_enabled(), preserved_module_state(model):
+        x, y = _as_autograd_input(x), _as_autograd_input(y)
+        start = _generator_start(x, eps, norm, generator) if random_start else x
+        return _pgd_from(model, x, y, start, eps, step_size, steps, norm)
+
+
+def adversarial_examples(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    spec: AttackSpec,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Adversarial versions of ``(x, y)`` for adversarial training, as ``spec`` says.
+
+    The caller chooses the model's mode (train-mode BatchNorm normalizes with the batch's
+    statistics; its running statistics are left untouched by the attack). Pass a generator
+    owned by the training loop so that each call gets fresh random starts.
+    """
+    if spec.eps == 0:
+        return x.detach().clone()
+    if spec.name == "fgsm":
+        return fgsm(model, x, y, spec.eps)
+    return pgd(
+        model, x, y, spec.eps, spec.alpha, spec.steps, norm=spec.norm,
+        random_start=spec.random_start, generator=generator,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- robust accuracy
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x).argmax(dim=1)
+
+
+def _pgd_broken_any_iterate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    start: torch.Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    norm: str,
+) -> torch.Tensor:
+    """Which samples are misclassified at ANY PGD iterate (start, step 1, ..., step ``steps``).
+
+    A sample leaves the batch as soon as one iterate fools the model; the others keep
+    iterating exactly as they would in the full batch (eval mode: samples are independent).
+    Each iterate's logits serve both the check and the next gradient.
+    """
+    broken = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    active = torch.arange(len(x), device=x.device)
+    box = _linf_box(x, eps) if norm == "linf" else None
+    adv = start.detach()
+    for k in range(steps + 1):
+        last = k == steps
+        with torch.set_grad_enabled(not last):
+            adv.requires_grad_(not last)
+            logits = model(adv)
+        fooled = logits.argmax(dim=1) != y
+        if bool(fooled.any()):
+            broken[active[fooled]] = True
+            keep = ~fooled
+            active, x, y = active[keep], x[keep], y[keep]
+            box = None if box is None else (box[0][keep], box[1][keep])
+        else:
+            keep = None
+        if last or len(active) == 0:
+            break
+        logits = logits if keep is None else logits[keep]
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), adv)
+        adv = adv.detach()
+        if keep is not None:
+            adv, grad = adv[keep], grad[keep]
+        adv = _pgd_step(adv, grad, x, eps, alpha, norm, box)
+    return broken
+
+
+def robust_accuracy_counts(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    attacks: Sequence[AttackSpec],
+    *,
+    seed: int = 0,
+    early_exit: bool = True,
+) -> dict[str, tuple[int, int]]:
+    """Correct/total counts at clean and under every attack, over all ``batches`` in one pass.
+
+    ``batches`` yields ``(x, y, idx)``, ``idx`` the samples' indices in the evaluation set:
+    each sample's random start is a function of ``(seed, idx)`` only, so the counts do not
+    depend on batching or on the split across ranks. Under an initialized process group the
+    counts are summed over ranks (one ``all_reduce_sum``, run by every rank even with no
+    batches), and every rank returns the same numbers. Returns ``{"clean": (correct, total),
+    spec.key: (correct, total), ...}``. An attack with eps = 0 is reported as clean.
+
+    ``early_exit=True``: a sample counts as robust only if it is correct at clean and at
+    every attack iterate (as AutoAttack counts); samples misclassified at clean are not
+    attacked, and a PGD sample stops iterating once an iterate fools the model.
+    ``early_exit=False``: every sample is attacked for all steps and judged on the final
+    iterate only (torchattacks' / the usual definition). In eval mode, early-exit counts are
+    <= the full counts for every attack (a sample never fooled on the way is correct at the
+    end), typically equal or slightly lower, and cheaper.
+
+    Call with the model in eval mode (the callback does): in train mode BatchNorm couples the
+    samples of a batch, and neither batching invariance nor the bound above holds.
+    """
+    keys = [spec.key for spec in attacks]
+    if len(set(keys)) != len(keys) or "clean" in keys:
+        raise ValueError(f"attack keys must be unique and not 'clean', got {keys}; use AttackSpec.tag")
+    device = _model_device(model, torch.device("cpu"))
+    with gradients_enabled(), preserved_module_state(model):
+        counts = torch.zeros(len(attacks) + 1, 2, dtype=torch.int64, device=device)
+        for x, y, idx in batches:
+            if len(x) == 0:
+                continue
+            x, y = _as_autograd_input(x.to(device)), _as_autograd_input(y.to(device))
+            counts[:, 1] += len(x)
+            clean_ok = _predict(model, x) == y
+            counts[0, 0] += clean_ok.sum()
+            unit_starts: dict[str, torch.Tensor] = {}
+            for i, spec in enumerate(attacks, start=1):
+                if spec.eps == 0:
+                    counts[i, 0] += clean_ok.sum()
+                    continue
+                sel = clean_ok.nonzero().squeeze(1) if early_exit else torch.arange(len(x), device=device)
+                if len(sel) == 0:
+                    continue
+                xs, ys = x[sel], y[sel]
+                if spec.name == "fgsm":
+                    grad = _input_gradient(model, xs, ys)
+                    adv = (xs + spec.eps * grad.sign()).clamp_(0, 1)
+                    counts[i, 0] += (_predict(model, adv) == ys).sum()
+                    continue
+                if spec.random_start:
+                    if spec.norm not in unit_starts:
+                        unit_starts[spec.norm] = per_sample_unit_start(x, idx, seed, spec.norm)
+                    start = (xs + spec.eps * unit_starts[spec.norm][sel]).clamp_(0, 1)
+                else:
+                    start = xs
+                if early_exit:
+                    broken = _pgd_broken_any_iterate(
+                        model, xs, ys, start, spec.eps, spec.alpha, spec.steps, spec.norm
+                    )
+                    counts[i, 0] += (~broken).sum()
+                else:
+                    adv = _pgd_from(model, xs, ys, start, spec.eps, spec.alpha, spec.steps, spec.norm)
+                    counts[i, 0] += (_predict(model, adv) == ys).sum()
+        all_reduce_sum(counts)
+    values = counts.cpu().tolist()
+    return {key: (c, n) for key, (c, n) in zip(["clean", *keys], values, strict=True)}
+
+
+# --------------------------------------------------------------------------- sanity checks
+
+
+def gradient_masking_warnings(
+    counts: dict[str, tuple[int, int]], attacks: Sequence[AttackSpec], *, tolerance: float = 0.0
+) -> list[str]:
+    """Signs of gradient masking or a broken evaluation (Carlini et al. 2019 checklist).
+
+    Flags, in accuracy units beyond ``tolerance``: robust accuracy that rises with eps within
+    one attack family (same name, norm, steps, step rule, random start); PGD more accurate
+    than FGSM at the same L∞ eps; an eps = 0 attack that differs from clean accuracy.
+    Returns readable messages (empty when nothing is suspicious).
+    """
+
+    def acc(key: str) -> float:
+        c, n = counts[key]
+        return c / n if n else float("nan")
+
+    warnings: list[str] = []
+    clean = acc("clean")
+    families: dict[tuple, list[AttackSpec]] = {}
+    for spec in attacks:
+        if spec.eps == 0 and abs(acc(spec.key) - clean) > tolerance:
+            warnings.append(
+                f"{spec.key}: accuracy {acc(spec.key):.4f} at eps=0 differs from clean {clean:.4f}"
+            )
+        rule = "auto" if spec.step_size is None else "fixed"
+        family = (spec.name, spec.norm, spec.steps, rule, spec.random_start, spec.tag)
+        families.setdefault(family, []).append(spec)
+    for specs in families.values():
+        specs = sorted(specs, key=lambda s: s.eps)
+        for lo, hi in zip(specs, specs[1:], strict=False):
+            if acc(hi.key) > acc(lo.key) + tolerance:
+                warnings.append(
+                    f"{hi.key}: accuracy {acc(hi.key):.4f} is higher than at smaller eps "
+                    f"({lo.key}: {acc(lo.key):.4f}); robust accuracy should not rise with eps"
+                )
+    fgsm_by_eps = {s.eps: s for s in attacks if s.name == "fgsm"}
+    for spec in attacks:
+        f = fgsm_by_eps.get(spec.eps)
+        if spec.name == "pgd" and spec.norm == "linf" and f is not None:
+            if acc(spec.key) > acc(f.key) + tolerance:
+                warnings.append(
+                    f"{spec.key}: PGD accuracy {acc(spec.key):.4f} is higher than FGSM's "
+                    f"{acc(f.key):.4f} at the same eps; PGD should be at least as strong"
+                )
+    return warnings

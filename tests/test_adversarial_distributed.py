@@ -1,0 +1,65 @@
+"""Robust-accuracy counts under a 2-process gloo group equal the 1-process counts.
+
+Each rank holds an unequal part of the evaluation set (with the samples' indices), batched
+differently from the reference, and random starts are on: the counts can only agree if
+every sample's start depends on its index alone and the counts are summed over ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from callbacks.adversarial import AttackSpec, robust_accuracy_counts
+from callbacks.common import split_batches
+from tests.distributed import run_in_process_group
+from tests.test_adversarial_functions import data, small_cnn
+
+SPECS = [
+    AttackSpec("fgsm", 0.05),
+    AttackSpec("pgd", 0.0, steps=3),
+    AttackSpec("pgd", 0.05, steps=3),
+    AttackSpec("pgd", 0.1, steps=3),
+    AttackSpec("pgd", 0.8, norm="l2", steps=3),
+]
+N = 40
+SEED = 7
+
+
+def evaluation_set():
+    """The small CNN and data of the function tests, labels partly the model's predictions."""
+    model = small_cnn()
+    x, y = data(N)
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    return model, x, torch.where(torch.arange(N) % 3 == 0, y, pred)
+
+
+def counts_on_rank(rank: int, world: int, configs: list[tuple[list[int], int, bool]]) -> list[dict]:
+    """For each (bounds, batch_size, early_exit): this rank evaluates ``bounds[rank]:bounds[rank+1]``."""
+    model, x, y = evaluation_set()
+    results = []
+    for bounds, batch_size, early_exit in configs:
+        idx = torch.arange(N)[bounds[rank] : bounds[rank + 1]]
+        batches = split_batches(x[idx], y[idx], batch_size, idx)
+        results.append(robust_accuracy_counts(model, batches, SPECS, seed=SEED, early_exit=early_exit))
+    return results
+
+
+def test_two_ranks_equal_one_process():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors (the workers run with one thread too)
+    try:
+        model, x, y = evaluation_set()
+        idx = torch.arange(N)
+        reference = {
+            early: robust_accuracy_counts(model, [(x, y, idx)], SPECS, seed=SEED, early_exit=early)
+            for early in (True, False)
+        }
+    finally:
+        torch.set_num_threads(threads)
+    assert 0 < reference[True]["clean"][0] < N
+    # Unequal shards (rank 1 gets 3x as many) batched in 6s, and an empty shard on rank 1.
+    configs = [(bounds, 6, early) for bounds in ([0, 10, N], [0, N, N]) for early in (True, False)]
+    rank0, rank1 = run_in_process_group(counts_on_rank, configs)
+    for config, got0, got1 in zip(configs, rank0, rank1, strict=True):
+        assert got0 == got1 == reference[config[2]], config
