@@ -289,9 +289,20 @@ def summarize(record: dict, out_dir: Path) -> str:
         f"[train] train loss {num('train_eval/loss')}  acc {num('train_eval/acc')}   "
         f"test loss {num('test/loss')}  acc {num('test/acc')}   val acc {num('val/acc')}",
     ]
-    extra = {k: v for k, v in f.items() if k.startswith(("hessian/", "adv/")) and isinstance(v, float)}
-    if extra:
-        lines.append("[train] " + "  ".join(f"{k} {v:.4g}" for k, v in sorted(extra.items())[:8]))
+    hessian = [
+        f"{k.removeprefix('hessian/')} {f[k]:.4g}" for k in sorted(f) if k.startswith("hessian/lambda")
+    ]
+    if "hessian/trace" in f:
+        hessian.append(f"trace {f['hessian/trace']:.4g}")
+    if hessian:
+        lines.append("[train] Hessian: " + "  ".join(hessian))
+    attacks: dict[str, list[str]] = {}
+    for k in sorted(f, key=lambda k: (k.split("/eps")[0], float(k.split("/eps")[1]) if "/eps" in k else 0)):
+        if k.startswith("adv/") and "/eps" in k:
+            attack, eps = k.removeprefix("adv/").split("/eps")
+            attacks.setdefault(attack, []).append(f"{float(eps):g}:{f[k]:.3f}")
+    for attack, values in attacks.items():
+        lines.append(f"[train] robust accuracy {attack} (eps:acc) " + " ".join(values))
     lines.append(
         f"[train] run dir: {out_dir}  (config: .hydra/config.yaml, record: {RECORD}, "
         f"checkpoints: checkpoints/, logs: csv/ or wandb/)"
@@ -384,7 +395,11 @@ def train(cfg: DictConfig, out_dir: Path, multirun: bool = False) -> float | Non
     if not rank_zero:
         return None
     record = read_record(record_path)
-    final = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    # the latest value of everything logged (measurements too), then the final evaluation
+    final = {
+        **record.get("last", {}),
+        **{k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+    }
     status = "diverged" if record.get("stop_reason") == "diverged" else "completed"
     record = update_record(record_path, status=status, final=final, wall_time_s=time.time() - start)
     print(summarize(record, out_dir))

@@ -94,8 +94,9 @@ class SGDClassifier(pl.LightningModule):
                 "num_classes": num_classes,
             }
         )
-        # running [sum of losses x samples, correct, samples] of this epoch (cheaper than metrics per step)
-        self.register_buffer("train_sums", torch.zeros(3, dtype=torch.float64), persistent=False)
+        # running [sum of losses x samples, correct, samples] of this epoch (cheaper than metrics per
+        # step). A plain attribute, not a buffer: DDP would overwrite buffers with rank 0's values.
+        self.train_sums = torch.zeros(3, dtype=torch.float64)
         self.eval_loss = nn.ModuleList(torchmetrics.MeanMetric() for _ in range(3))
         self.eval_acc = nn.ModuleList(
             torchmetrics.Accuracy(task="multiclass", num_classes=num_classes) for _ in range(3)
@@ -136,7 +137,9 @@ class SGDClassifier(pl.LightningModule):
         with torch.no_grad():
             correct = (logits.argmax(1) == y).sum()
             n = torch.full_like(correct, len(y))
-            self.train_sums += torch.stack([loss.detach() * len(y), correct, n]).to(torch.float64)
+            self.train_sums = self.train_sums.to(loss.device) + torch.stack(
+                [loss.detach() * len(y), correct, n]
+            )
         if batch_idx % self.trainer.log_every_n_steps == 0:
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
         return loss
@@ -144,8 +147,8 @@ class SGDClassifier(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         opt = self.optimizers()
         group = (opt.optimizer if hasattr(opt, "optimizer") else opt).param_groups[0]
-        loss_sum, correct, n = self.trainer.strategy.reduce(self.train_sums.clone(), reduce_op="sum")
-        self.train_sums.zero_()
+        loss_sum, correct, n = self.trainer.strategy.reduce(self.train_sums, reduce_op="sum")
+        self.train_sums = torch.zeros_like(self.train_sums)
         self.log_dict(
             {
                 "train/loss": loss_sum / n,  # mean over this epoch's training samples, all ranks
@@ -196,11 +199,15 @@ class SGDClassifier(pl.LightningModule):
             nesterov=s.nesterov,
             weight_decay=s.weight_decay,
         )
-        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)  # also loads the train data
-        accumulate = self.trainer.accumulate_grad_batches
-        steps_per_epoch = max(math.ceil(self.trainer.num_training_batches / accumulate), 1)
-        total_epochs = total_steps / steps_per_epoch
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: s.lr_factor(step / steps_per_epoch, total_epochs)
-        )
+        total_steps = self.trainer.estimated_stepping_batches
+
+        def factor(step: int) -> float:
+            # optimizer steps per epoch, known once the train dataloader is loaded (before step 1)
+            batches = self.trainer.num_training_batches
+            if not math.isfinite(batches):
+                return s.lr_factor(0.0, 1.0)
+            steps_per_epoch = max(math.ceil(batches / self.trainer.accumulate_grad_batches), 1)
+            return s.lr_factor(step / steps_per_epoch, total_steps / steps_per_epoch)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
