@@ -1,0 +1,397 @@
+"""Turn a sweep directory (finished or not) into one tidy CSV and the papers' figures.
+
+    python report.py outputs/sweeps/fixed_lr_small [--out DIR] [--wandb]
+
+Reads every job's ``results.json`` under the sweep directory and writes, into ``DIR``
+(default ``<sweep dir>/report``):
+
+- ``runs.csv``: one row per job: status, why it stopped, hyperparameters, final train/test
+  loss and accuracy, generalization gap, Hessian eigenvalues, robust accuracies, wall time;
+- ``eigenvalue_vs_batch.png``: top Hessian eigenvalue vs batch size per (lr rule, momentum,
+  training), with the stability threshold 2(1+β)/lr drawn, beside the final training loss;
+- ``accuracy_vs_batch.png``: test accuracy and generalization gap vs batch size;
+- ``robust_vs_eps.png``: robust accuracy vs eps, one line per batch size, per attack;
+- ``momentum.png``: test accuracy and top eigenvalue vs batch size for each momentum,
+  fixed lr vs constant ratio side by side;
+- ``natural_vs_robust.png``: natural vs adversarial training across batch sizes;
+- ``runs/<job>.png``: per-run curves over epochs (top eigenvalue with its 2(1+β)/lr line,
+  train/test accuracy, robust accuracy).
+
+Points are means over seeds with error bars of one standard deviation. A partial sweep is
+reported as such: jobs that are missing, still running, failed or diverged are listed.
+With ``--wandb`` the table and figures are also logged as one W&B run of job type
+``report`` in the sweep's group (offline without credentials).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+ADV_KEY = re.compile(r"^adv/(?P<attack>[a-z]+_[a-z0-9]+)/eps(?P<eps>[0-9.e+-]+)$")
+FINISHED = ("completed", "diverged")
+
+
+# ---- reading -------------------------------------------------------------------------------
+def load_runs(sweep_dir: Path) -> list[dict]:
+    runs = []
+    for path in sorted(sweep_dir.rglob("results.json")):
+        if "report" in path.parts:
+            continue
+        rec = json.loads(path.read_text())
+        rec["job"] = path.parent.name
+        rec["dir"] = str(path.parent)
+        runs.append(rec)
+    return runs
+
+
+def _override_key(overrides: list[str], exclude: set[str]) -> frozenset:
+    """A job's identity: its overrides as {key: parsed value}, so "False"/"false", "0.10"/"0.1" match."""
+    items = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") in exclude:
+            continue
+        parsed = yaml.safe_load(value) if value else None
+        items.append((key, json.dumps(parsed, sort_keys=True, default=str)))
+    return frozenset(items)
+
+
+def expected_jobs(sweep_dir: Path) -> tuple[list[frozenset], set[str]] | None:
+    """The full grid's jobs (as override keys) from Hydra's multirun.yaml, or None if unknown."""
+    path = sweep_dir / "multirun.yaml"
+    if not path.exists():
+        return None
+    hydra = yaml.safe_load(path.read_text()).get("hydra", {})
+    exclude = set(hydra.get("job", {}).get("config", {}).get("override_dirname", {}).get("exclude_keys", []))
+    axes: dict[str, list[str]] = {}
+    for key, values in (hydra.get("sweeper", {}).get("params") or {}).items():
+        axes[key] = [v.strip() for v in str(values).split(",")]
+    for override in hydra.get("overrides", {}).get("task", []):
+        key, _, value = override.partition("=")
+        simple_list = "," in value and not any(c in value for c in "[]{}()")
+        axes[key] = [v.strip() for v in value.split(",")] if simple_list else [value]
+    keys = sorted(axes)
+    grid = [
+        [f"{k}={v}" for k, v in zip(keys, combo, strict=True)]
+        for combo in itertools.product(*(axes[k] for k in keys))
+    ]
+    return [_override_key(g, exclude) for g in grid], exclude
+
+
+def tidy(runs: list[dict]) -> pd.DataFrame:
+    rows = []
+    for r in runs:
+        cfg = r.get("config", {})
+        opt, adv_train = cfg.get("optimizer", {}), cfg.get("adversarial_training", {})
+        final = r.get("final", {})
+        lr = (
+            opt.get("lr_ratio", 0) * opt.get("batch_size", 0)
+            if opt.get("lr_rule") == "ratio"
+            else opt.get("lr")
+        )
+        row = {
+            "job": r["job"],
+            "status": r.get("status"),
+            "stop_reason": r.get("stop_reason"),
+            "model": str(cfg.get("model", {}).get("_target_", "")).rsplit(".", 1)[-1],
+            "data": cfg.get("data", {}).get("name"),
+            "batch_size": opt.get("batch_size"),
+            "lr_rule": opt.get("lr_rule"),
+            "lr": lr,
+            "lr_ratio": opt.get("lr_ratio"),
+            "momentum": opt.get("momentum"),
+            "training": "adversarial" if adv_train.get("enabled") else "natural",
+            "seed": cfg.get("seed"),
+            "epochs": r.get("stopped_at_epoch"),
+            "steps": r.get("stopped_at_step"),
+            "wall_time_s": r.get("wall_time_s"),
+            "error": r.get("error"),
+        }
+        for key in ("train_eval/loss", "train_eval/acc", "test/loss", "test/acc", "val/acc", "gen_gap/acc"):
+            row[key.replace("train_eval", "train")] = _num(final.get(key))
+        for key, value in final.items():
+            if key.startswith(("hessian/", "adv/", "adv_full/")):
+                row[key] = _num(value)
+        if row.get("lr") and row.get("momentum") is not None:
+            row["stability_threshold"] = 2 * (1 + row["momentum"]) / row["lr"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+# ---- figures -----------------------------------------------------------------------------
+def _series(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    keys = [k for k in ("lr_rule", "momentum", "training") if df[k].nunique(dropna=False) > 1] or ["lr_rule"]
+    out = []
+    for values, part in df.groupby(keys, dropna=False):
+        values = values if isinstance(values, tuple) else (values,)
+        label = ", ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
+        out.append((label, part))
+    return out
+
+
+def _mean_std(part: pd.DataFrame, col: str) -> pd.DataFrame:
+    g = part.groupby("batch_size")[col]
+    return pd.DataFrame({"mean": g.mean(), "std": g.std().fillna(0.0)}).reset_index()
+
+
+def _plot_vs_batch(ax, df, col, ylabel, threshold=False):
+    for label, part in _series(df):
+        if col not in part or part[col].isna().all():
+            continue
+        s = _mean_std(part.dropna(subset=[col]), col)
+        line = ax.errorbar(s["batch_size"], s["mean"], yerr=s["std"], marker="o", capsize=3, label=label)
+        if threshold and "stability_threshold" in part:
+            t = part.groupby("batch_size")["stability_threshold"].mean()
+            ax.plot(
+                t.index, t.values, ls="--", color=line[0].get_color(), alpha=0.6, label=f"2(1+β)/lr, {label}"
+            )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+def figure_eigenvalue(df, out):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    _plot_vs_batch(axes[0], df, "hessian/lambda_1", "top Hessian eigenvalue λ1", threshold=True)
+    axes[0].set_yscale("log")
+    axes[0].set_title("curvature at the end of training")
+    _plot_vs_batch(axes[1], df, "train/loss", "final train loss")
+    axes[1].set_yscale("log")
+    axes[1].set_title("how far training went (compare at convergence)")
+    axes[0].legend(fontsize=7)
+    _save(fig, out / "eigenvalue_vs_batch.png")
+
+
+def figure_accuracy(df, out):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    _plot_vs_batch(axes[0], df, "test/acc", "test accuracy")
+    _plot_vs_batch(axes[1], df, "gen_gap/acc", "generalization gap (train acc − test acc)")
+    axes[0].legend(fontsize=7)
+    _save(fig, out / "accuracy_vs_batch.png")
+
+
+def adv_columns(df) -> dict[str, list[tuple[float, str]]]:
+    by_attack: dict[str, list[tuple[float, str]]] = {}
+    for col in df.columns:
+        m = ADV_KEY.match(col)
+        if m:
+            by_attack.setdefault(m["attack"], []).append((float(m["eps"]), col))
+    return {a: sorted(v) for a, v in by_attack.items()}
+
+
+def figure_robust(df, out):
+    attacks = adv_columns(df)
+    if not attacks:
+        return
+    fig, axes = plt.subplots(1, len(attacks), figsize=(6 * len(attacks), 4.5), squeeze=False)
+    for ax, (attack, cols) in zip(axes[0], sorted(attacks.items()), strict=True):
+        for label, part in _series(df):
+            for b, sub in part.groupby("batch_size"):
+                eps = [e for e, _ in cols]
+                acc = [sub[c].mean() for _, c in cols]
+                ax.plot(eps, acc, marker="o", label=f"B={b}, {label}")
+        ax.set_title(f"robust accuracy, {attack}")
+        ax.set_xlabel("eps (pixel units)")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6, ncol=2)
+    _save(fig, out / "robust_vs_eps.png")
+
+
+def figure_momentum(df, out):
+    rules = sorted(df["lr_rule"].dropna().unique())
+    if df["momentum"].nunique() < 2:
+        return
+    fig, axes = plt.subplots(2, len(rules), figsize=(6 * len(rules), 8), squeeze=False)
+    for j, rule in enumerate(rules):
+        part = df[df["lr_rule"] == rule]
+        for m, sub in part.groupby("momentum"):
+            for i, (col, name) in enumerate((("test/acc", "test accuracy"), ("hessian/lambda_1", "λ1"))):
+                if col in sub:
+                    s = _mean_std(sub.dropna(subset=[col]), col)
+                    axes[i][j].errorbar(
+                        s["batch_size"],
+                        s["mean"],
+                        yerr=s["std"],
+                        marker="o",
+                        capsize=3,
+                        label=f"momentum {m}",
+                    )
+                axes[i][j].set_xscale("log", base=2)
+                axes[i][j].set_ylabel(name)
+                axes[i][j].grid(alpha=0.3)
+        axes[0][j].set_title(f"lr rule: {rule}")
+        axes[1][j].set_xlabel("batch size")
+        axes[0][j].legend(fontsize=8)
+    _save(fig, out / "momentum.png")
+
+
+def figure_robust_training(df, out):
+    if df["training"].nunique() < 2:
+        return
+    attacks = adv_columns(df)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    _plot_vs_batch(axes[0], df, "hessian/lambda_1", "top Hessian eigenvalue λ1")
+    axes[0].set_yscale("log")
+    if attacks:
+        attack, cols = sorted(attacks.items())[-1]
+        eps, col = cols[len(cols) // 2]
+        _plot_vs_batch(axes[1], df, col, f"robust accuracy ({attack}, eps {eps:g})")
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("natural vs adversarial training")
+    _save(fig, out / "natural_vs_robust.png")
+
+
+def figure_run(run: dict, out: Path):
+    history = run.get("history", [])
+    cfg = run.get("config", {}).get("optimizer", {})
+    lr = cfg.get("lr_ratio", 0) * cfg.get("batch_size", 0) if cfg.get("lr_rule") == "ratio" else cfg.get("lr")
+    by_epoch: dict[int, dict] = {}
+    for row in history:
+        if "epoch" in row:
+            by_epoch.setdefault(int(row["epoch"]), {}).update(row)
+    if not by_epoch:
+        return
+    epochs = sorted(by_epoch)
+
+    def series(key):
+        pts = [(e, _num(by_epoch[e].get(key))) for e in epochs if key in by_epoch[e]]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    x, y = series("hessian/lambda_1")
+    axes[0].plot(x, y, marker="o", label="λ1")
+    if lr:
+        axes[0].axhline(2 * (1 + cfg.get("momentum", 0)) / lr, ls="--", color="gray", label="2(1+β)/lr")
+    axes[0].set_yscale("log")
+    axes[0].set_title("top Hessian eigenvalue")
+    axes[0].legend(fontsize=8)
+    for key, label in (("train_eval/acc", "train"), ("test/acc", "test")):
+        x, y = series(key)
+        axes[1].plot(x, y, marker=".", label=label)
+    axes[1].set_title("accuracy")
+    axes[1].legend(fontsize=8)
+    adv_keys = sorted({k for e in epochs for k in by_epoch[e] if ADV_KEY.match(k)})
+    for key in adv_keys:
+        x, y = series(key)
+        axes[2].plot(x, y, marker=".", label=key.removeprefix("adv/"))
+    axes[2].set_title("robust accuracy")
+    axes[2].legend(fontsize=6, ncol=2)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{run['job']}  ({run.get('status')}, stopped: {run.get('stop_reason')})", fontsize=9)
+    _save(fig, out / "runs" / f"{run['job']}.png")
+
+
+def _save(fig, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- main ------------------------------------------------------------------------------------
+def report(sweep_dir: Path, out: Path | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """Write the CSV and figures; return the table and the readable notes about missing jobs."""
+    out = out or sweep_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    runs = load_runs(sweep_dir)
+    notes = []
+    grid = expected_jobs(sweep_dir)
+    if grid is not None:
+        expected, exclude = grid
+        found = {_override_key(r.get("overrides", []), exclude) for r in runs}
+        missing = [",".join(sorted("=".join(kv) for kv in job)) for job in expected if job not in found]
+        if missing:
+            notes.append(f"{len(missing)} of {len(expected)} jobs have no result yet: " + "; ".join(missing))
+    for r in runs:
+        if r.get("status") not in FINISHED:
+            notes.append(f"{r['job']}: {r.get('status')}" + (f" ({r['error']})" if r.get("error") else ""))
+        elif r.get("status") == "diverged":
+            notes.append(f"{r['job']}: diverged (excluded from the figures)")
+    df = tidy(runs)
+    df.to_csv(out / "runs.csv", index=False)
+    good = df[df["status"] == "completed"] if len(df) else df
+    if len(good):
+        figure_eigenvalue(good, out)
+        figure_accuracy(good, out)
+        figure_robust(good, out)
+        figure_momentum(good, out)
+        figure_robust_training(good, out)
+        for r in runs:
+            if r.get("status") == "completed":
+                figure_run(r, out)
+    return df, notes
+
+
+def log_to_wandb(sweep_dir: Path, out: Path, df: pd.DataFrame) -> None:
+    import os
+
+    import wandb
+
+    from train import _wandb_has_credentials
+
+    runs = load_runs(sweep_dir)
+    group = runs[0].get("config", {}).get("experiment_name", sweep_dir.name) if runs else sweep_dir.name
+    mode = None if os.environ.get("WANDB_MODE") or _wandb_has_credentials() else "offline"
+    run = wandb.init(
+        project="sgd-curvature",
+        group=group,
+        job_type="report",
+        name=f"report-{sweep_dir.name}",
+        dir=str(out),
+        mode=mode,
+    )
+    run.log({"runs": wandb.Table(dataframe=df)})
+    for png in sorted(out.glob("*.png")):
+        run.log({f"figures/{png.stem}": wandb.Image(str(png))})
+    run.finish()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Tables and figures of a sweep directory.")
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: <sweep_dir>/report)")
+    parser.add_argument(
+        "--wandb", action="store_true", help="also log the table and figures as a W&B report run"
+    )
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        print(f"error: {args.sweep_dir} is not a directory", file=sys.stderr)
+        return 2
+    out = args.out or args.sweep_dir / "report"
+    df, notes = report(args.sweep_dir, out)
+    print(f"[report] {len(df)} runs -> {out / 'runs.csv'}")
+    for png in sorted(out.rglob("*.png")):
+        print(f"[report] figure: {png}")
+    for note in notes:
+        print(f"[report] note: {note}")
+    if args.wandb:
+        log_to_wandb(args.sweep_dir, out, df)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
