@@ -179,7 +179,7 @@ def figure_eigenvalue(df, out):
     _plot_vs_batch(axes[1], df, "train/loss", "final train loss")
     axes[1].set_yscale("log")
     axes[1].set_title("how far training went (compare at convergence)")
-    axes[0].legend(fontsize=7)
+    _legend(axes[0], fontsize=7)
     _save(fig, out / "eigenvalue_vs_batch.png")
 
 
@@ -187,7 +187,7 @@ def figure_accuracy(df, out):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     _plot_vs_batch(axes[0], df, "test/acc", "test accuracy")
     _plot_vs_batch(axes[1], df, "gen_gap/acc", "generalization gap (train acc − test acc)")
-    axes[0].legend(fontsize=7)
+    _legend(axes[0], fontsize=7)
     _save(fig, out / "accuracy_vs_batch.png")
 
 
@@ -215,7 +215,7 @@ def figure_robust(df, out):
         ax.set_xlabel("eps (pixel units)")
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=6, ncol=2)
+    _legend(axes[0][0], fontsize=6, ncol=2)
     _save(fig, out / "robust_vs_eps.png")
 
 
@@ -243,7 +243,7 @@ def figure_momentum(df, out):
                 axes[i][j].grid(alpha=0.3)
         axes[0][j].set_title(f"lr rule: {rule}")
         axes[1][j].set_xlabel("batch size")
-        axes[0][j].legend(fontsize=8)
+        _legend(axes[0][j], fontsize=8)
     _save(fig, out / "momentum.png")
 
 
@@ -258,7 +258,7 @@ def figure_robust_training(df, out):
         attack, cols = sorted(attacks.items())[-1]
         eps, col = cols[len(cols) // 2]
         _plot_vs_batch(axes[1], df, col, f"robust accuracy ({attack}, eps {eps:g})")
-    axes[0].legend(fontsize=8)
+    _legend(axes[0], fontsize=8)
     axes[0].set_title("natural vs adversarial training")
     _save(fig, out / "natural_vs_robust.png")
 
@@ -286,23 +286,28 @@ def figure_run(run: dict, out: Path):
         axes[0].axhline(2 * (1 + cfg.get("momentum", 0)) / lr, ls="--", color="gray", label="2(1+β)/lr")
     axes[0].set_yscale("log")
     axes[0].set_title("top Hessian eigenvalue")
-    axes[0].legend(fontsize=8)
+    _legend(axes[0], fontsize=8)
     for key, label in (("train_eval/acc", "train"), ("test/acc", "test")):
         x, y = series(key)
         axes[1].plot(x, y, marker=".", label=label)
     axes[1].set_title("accuracy")
-    axes[1].legend(fontsize=8)
+    _legend(axes[1], fontsize=8)
     adv_keys = sorted({k for e in epochs for k in by_epoch[e] if ADV_KEY.match(k)})
     for key in adv_keys:
         x, y = series(key)
         axes[2].plot(x, y, marker=".", label=key.removeprefix("adv/"))
     axes[2].set_title("robust accuracy")
-    axes[2].legend(fontsize=6, ncol=2)
+    _legend(axes[2], fontsize=6, ncol=2)
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.suptitle(f"{run['job']}  ({run.get('status')}, stopped: {run.get('stop_reason')})", fontsize=9)
     _save(fig, out / "runs" / f"{run['job']}.png")
+
+
+def _legend(ax, **kwargs):
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
 
 
 def _save(fig, path: Path):

@@ -157,7 +157,7 @@ def validate(cfg: DictConfig, multirun: bool) -> BatchPlan:
             "trainer.strategy",
             strategy,
             "a local Hydra multirun with plain ddp re-launches the whole sweep in each child process; "
-            "use trainer=ddp_spawn locally, or the SLURM launcher (hydra/launcher=submitit_slurm), "
+            "use trainer=ddp_spawn locally, or the SLURM launcher (hydra/launcher=slurm trainer=slurm), "
             "where SLURM starts the ranks",
         )
     if world > 1 and t.get("sync_batchnorm") and t.accelerator == "cpu":

@@ -1,0 +1,57 @@
+"""measure.py on a saved checkpoint, and adversarial (robust) training from config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import FAST, ROOT, records, run_train
+
+TINY = [*FAST, "model=mlp", "callbacks.hessian.subset_size=300", "callbacks.hessian.k=2",
+        "callbacks.adversarial.eps=[0,0.1]", "callbacks.adversarial.pgd_steps=3"]  # fmt: skip
+
+
+def test_measure_checkpoint_matches_the_training_record(tmp_path):
+    run_train([*TINY, "trainer.max_epochs=1"], tmp_path)
+    ((name, rec),) = records(tmp_path).items()
+    run_dir = tmp_path / "runs" / name
+    args = [str(run_dir), "--float64", "--trace", "--attacks", "--density", "--density-steps", "10"]
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "measure.py"), *args], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    measured = json.loads((run_dir / "measurements" / "last.json").read_text())["metrics"]
+    trained = rec["final"]
+    # same samples, same weights: float64 re-measurement equals the float32 one of the callback
+    for key in ("hessian/lambda_1", "hessian/lambda_2", "hessian/lambda_min"):
+        assert abs(measured[key] - trained[key]) <= 1e-4 * abs(trained["hessian/lambda_1"]), key
+    assert measured["hessian/trace"] > measured["hessian/lambda_1"] and measured["hessian/trace_stderr"] > 0
+    for key in ("adv/clean", "adv/fgsm_linf/eps0.1", "adv/pgd_linf/eps0.1"):
+        assert abs(measured[key] - trained[key]) <= 1 / 500 + 1e-9, key
+    assert (run_dir / "measurements" / "last_density.png").stat().st_size > 5_000
+    record = json.loads((run_dir / "results.json").read_text())
+    assert record["checkpoint_measurements"]["last"]["metrics"] == measured
+    assert record["status"] == "completed"  # the training record itself is untouched
+
+
+def test_measure_refuses_a_directory_that_is_not_a_run(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "measure.py"), str(tmp_path)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode != 0 and "no checkpoint" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_adversarial_training_lowers_attack_success(tmp_path):
+    common = [*TINY, "~callbacks.hessian", "trainer.max_epochs=3", "optimizer.lr=0.05"]
+    run_train(common, tmp_path / "natural")
+    run_train(
+        [*common, "adversarial_training.enabled=true", "adversarial_training.eps=0.1"], tmp_path / "robust"
+    )
+    (natural,) = records(tmp_path / "natural").values()
+    (robust,) = records(tmp_path / "robust").values()
+    assert robust["config"]["adversarial_training"]["bn_mode"] == "eval"  # recorded with the run
+    for attack in ("fgsm_linf", "pgd_linf"):
+        nat, rob = natural["final"][f"adv/{attack}/eps0.1"], robust["final"][f"adv/{attack}/eps0.1"]
+        assert rob > nat + 0.1, (attack, nat, rob)  # attack success (1 - acc) clearly lower
+    assert robust["final"]["adv/clean"] > 0.8  # and it still learned the task
