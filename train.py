@@ -30,8 +30,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
 
 from callbacks.run_record import RunRecord, read_record, update_record
+from callbacks.wandb_axes import WandbEpochAxis
 from lightning_modules.data import AUGMENTATIONS, DATASETS, DataUnavailable
 from lightning_modules.models import has_batchnorm
 from lightning_modules.module import LR_RULES, SCHEDULES, AdversarialTraining, SGDClassifier, SGDConfig
@@ -374,10 +376,13 @@ def train(cfg: DictConfig, out_dir: Path, multirun: bool = False) -> float | Non
         num_classes=DATASETS[cfg.data.name].num_classes,
     )
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = build_loggers(cfg, out_dir)
+    if any(isinstance(lg, WandbLogger) for lg in loggers):
+        callbacks.append(WandbEpochAxis())
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=callbacks,
-        logger=build_loggers(cfg, out_dir),
+        logger=loggers,
         accumulate_grad_batches=plan.accumulate,
         use_distributed_sampler=False,
         default_root_dir=str(out_dir),
