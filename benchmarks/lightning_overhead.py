@@ -1,6 +1,6 @@
 """Lightning overhead: one training epoch of the default model/data, our Trainer vs a plain loop.
 
-Both do the same work: LeNet on the 4,000 embedded training digits, global batch 128, SGD
+Both do the same work: LeNet (or ``--model``) on the 4,000 embedded training digits, global batch 128, SGD
 (lr 0.01, momentum 0.9), the same GlobalBatchSampler batches, no validation, no logging to
 disk. Repeats alternate between the two so machine noise hits both; the median ratio is the
 result (goal: our time / plain time <= 1.10).
@@ -21,8 +21,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_modules import models
 from lightning_modules.data import GlobalBatchSampler, ImageDataModule
-from lightning_modules.models import lenet
 from lightning_modules.module import SGDClassifier, SGDConfig
 
 
@@ -31,9 +31,13 @@ def make_loader(dm: ImageDataModule, batch: int) -> DataLoader:
     return DataLoader(dm.splits["train"], batch_sampler=sampler)
 
 
-def plain_epochs(dm, batch, epochs) -> float:
+def make_net(name: str):
     torch.manual_seed(0)
-    net = lenet((1, 28, 28), 10, mean=[0.1307], std=[0.3081])
+    return getattr(models, name)((1, 28, 28), 10, mean=[0.1307], std=[0.3081])
+
+
+def plain_epochs(dm, batch, epochs, model) -> float:
+    net = make_net(model)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     loader = make_loader(dm, batch)
     start = time.perf_counter()
@@ -48,9 +52,8 @@ def plain_epochs(dm, batch, epochs) -> float:
     return time.perf_counter() - start
 
 
-def lightning_epochs(dm, batch, epochs) -> float:
-    torch.manual_seed(0)
-    net = lenet((1, 28, 28), 10, mean=[0.1307], std=[0.3081])
+def lightning_epochs(dm, batch, epochs, model) -> float:
+    net = make_net(model)
     module = SGDClassifier(net, SGDConfig(batch_size=batch, lr=0.01, momentum=0.9))
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -75,23 +78,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--model", default="lenet", help="lenet (the default run's) | c1 | mlp | resnet20")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     dm = ImageDataModule("mnist5k")
     dm.setup()
-    lightning_epochs(dm, args.batch, 1)  # warm-up: imports, first-call costs
-    plain_epochs(dm, args.batch, 1)
+    lightning_epochs(dm, args.batch, 1, args.model)  # warm-up: imports, first-call costs
+    plain_epochs(dm, args.batch, 1, args.model)
     ours, plain = [], []
     for _ in range(args.repeats):
-        ours.append(lightning_epochs(dm, args.batch, args.epochs))
-        plain.append(plain_epochs(dm, args.batch, args.epochs))
+        ours.append(lightning_epochs(dm, args.batch, args.epochs, args.model))
+        plain.append(plain_epochs(dm, args.batch, args.epochs, args.model))
     ratios = [o / p for o, p in zip(ours, plain, strict=True)]
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), pytorch_lightning {pl.__version__}"
     )
     print(
-        f"work: LeNet, 4000 embedded digits, batch {args.batch}, {args.epochs} epoch(s), {args.repeats} repeats"
+        f"work: {args.model}, 4000 embedded digits, batch {args.batch}, {args.epochs} epoch(s), {args.repeats} repeats"
     )
     print(f"plain loop    median {statistics.median(plain):.3f} s")
     print(f"our Trainer   median {statistics.median(ours):.3f} s")
