@@ -25,6 +25,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from machine import cpu_model  # benchmarks/machine.py (scripts run from benchmarks/)
+
 from callbacks.adversarial import AttackSpec, fgsm, pgd, robust_accuracy_counts  # noqa: E402
 from callbacks.common import split_batches  # noqa: E402
 
@@ -35,17 +37,6 @@ def lenet() -> nn.Module:
         nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
         nn.Linear(16 * 5 * 5, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
     )  # fmt: skip
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def sync(device: torch.device) -> None:

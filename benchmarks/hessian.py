@@ -25,6 +25,7 @@ import platform
 import time
 
 import torch
+from machine import cpu_model  # benchmarks/machine.py (scripts run from benchmarks/)
 from torch import nn
 
 from callbacks.hessian import DEFAULT_TOL, HessianOperator, hessian_eigenvalues, lanczos_eigenvalues
@@ -54,17 +55,6 @@ def c1_net(channels: int = 64, in_channels: int = 1, side: int = 28) -> nn.Modul
         nn.ReLU(),
         nn.Linear(192, 10),
     )
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def pyhessian_topk(model: nn.Module, loss_fn, x, y, k: int, loader, seed: int) -> tuple[torch.Tensor, int]:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 import warnings
 
 import pytorch_lightning as pl
 import torch
+from machine import cpu_model  # benchmarks/machine.py (scripts run from benchmarks/)
 from torch.utils.data import DataLoader
 
 from lightning_modules import models
@@ -91,7 +91,7 @@ def main() -> None:
         plain.append(plain_epochs(dm, args.batch, args.epochs, args.model))
     ratios = [o / p for o, p in zip(ours, plain, strict=True)]
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"machine: {cpu_model()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), pytorch_lightning {pl.__version__}"
     )
     print(

@@ -11,7 +11,17 @@ from __future__ import annotations
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 
-EPOCH_METRICS = ("train/*", "train_eval/*", "val/*", "test/*", "gen_gap/*", "hessian/*", "adv/*", "adv_full/*", "opt/*")
+EPOCH_METRICS = (
+    "train/*",
+    "train_eval/*",
+    "val/*",
+    "test/*",
+    "gen_gap/*",
+    "hessian/*",
+    "adv/*",
+    "adv_full/*",
+    "opt/*",
+)
 
 
 class WandbEpochAxis(pl.Callback):

@@ -18,6 +18,8 @@ import torch
 import torchmetrics
 from torch import nn
 
+from callbacks.adversarial import AttackSpec, adversarial_examples
+
 LR_RULES = ("fixed", "ratio")
 SCHEDULES = ("constant", "step", "cosine")
 
@@ -107,9 +109,8 @@ class SGDClassifier(pl.LightningModule):
         return self.net(x)
 
     # ---- training -------------------------------------------------------------------------
-    def _adversarial_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        from callbacks.adversarial import AttackSpec, adversarial_examples
-
+    def _adversarial_batch(self, x: torch.Tensor, y: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """Replace the first ``fraction`` of the batch by adversarial examples, made in ``bn_mode``."""
         n_adv = round(self.adv.fraction * len(x))
         if n_adv == 0:
             return x
@@ -123,7 +124,8 @@ class SGDClassifier(pl.LightningModule):
         )
         was_training = self.net.training
         self.net.train(self.adv.bn_mode == "train")
-        g = torch.Generator(device=x.device).manual_seed(self.global_step * 7919 + self.global_rank)
+        seed = (self.global_step * 1_000_003 + batch_idx) * 4096 + self.global_rank  # fresh per micro-batch
+        g = torch.Generator(device=x.device).manual_seed(seed)
         x_adv = adversarial_examples(self.net, x[:n_adv], y[:n_adv], spec, generator=g)
         self.net.train(was_training)
         return torch.cat([x_adv, x[n_adv:]])
@@ -131,7 +133,7 @@ class SGDClassifier(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         if self.adv.enabled:
-            x = self._adversarial_batch(x, y)
+            x = self._adversarial_batch(x, y, batch_idx)
         logits = self.net(x)
         loss = self.loss_fn(logits, y)
         with torch.no_grad():

@@ -53,6 +53,7 @@ BAD = [
     (["optimizer.momentum=-0.5"], "optimizer.momentum=-0.5", "[0, 1)"),
     (["optimizer.schedule=exp"], "optimizer.schedule='exp'", "constant, step, cosine"),
     (["data.augment=mixup"], "data.augment='mixup'", "none, crop, crop_flip"),
+    (["data.name=svhn"], "data.name='svhn'", "mnist5k, mnist, fashion_mnist, cifar10, cifar100"),
     (["trainer=ddp_spawn", "optimizer.batch_size=127"], "optimizer.batch_size=127", "across 2 devices"),
     (["trainer.max_epochs=0"], "trainer.max_epochs=0", ">= 1"),
 ]

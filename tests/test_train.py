@@ -78,21 +78,43 @@ def _one_step(tmp_path, extra):
 
 
 def test_same_global_batch_same_first_step_on_one_and_two_processes(tmp_path):
+    """Global batch 64: one process, two processes of 32, and one process accumulating 4 x 16."""
     torch.manual_seed(0)
     rec1, after1 = _one_step(tmp_path / "one", [])
     rec2, after2 = _one_step(tmp_path / "two", ["trainer=ddp_spawn", "trainer.devices=2"])
+    rec3, after3 = _one_step(tmp_path / "accumulate", ["max_micro_batch=16"])
     assert rec2["batch_plan"]["per_device"] == 32 and rec2["batch_plan"]["world_size"] == 2
-    loss1, loss2 = rec1["last"]["train/loss"], rec2["last"]["train/loss"]
-    assert abs(loss1 - loss2) <= 1e-6 * abs(loss1)
+    assert rec3["batch_plan"]["micro_batch"] == 16 and rec3["batch_plan"]["accumulate"] == 4
+    assert rec1["stop_reason"] == rec2["stop_reason"] == rec3["stop_reason"] == "max_steps"
+    assert rec1["stopped_at_step"] == rec3["stopped_at_step"] == 1
+    loss1, loss2, loss3 = (r["last"]["train/loss"] for r in (rec1, rec2, rec3))
+    assert abs(loss1 - loss2) <= 1e-6 * abs(loss1) and abs(loss1 - loss3) <= 1e-6 * abs(loss1)
     from lightning_modules.models import mlp
 
     torch.manual_seed(0)  # train.py seeds the initial weights with seed=0
     net = mlp((1, 28, 28), 10).double()
     before = {f"net.{k}": v for k, v in net.state_dict().items() if k.startswith("body")}
     for k in after1:
-        step1, step2 = before[k] - after1[k], before[k] - after2[k]  # = lr * gradient
+        step1, step2, step3 = (
+            before[k] - after1[k],
+            before[k] - after2[k],
+            before[k] - after3[k],
+        )  # lr * gradient
         assert step1.abs().max() > 0
         assert (step1 - step2).norm() <= 1e-6 * step1.norm(), k
+        assert (step1 - step3).norm() <= 1e-6 * step1.norm(), k
+
+
+def test_training_stops_at_the_target_train_accuracy(tmp_path):
+    run_train(
+        [*NO_MEASURE, "callbacks.training_target.target_train_acc=0.6", "trainer.max_epochs=10"], tmp_path
+    )
+    (rec,) = records(tmp_path).values()
+    assert rec["stop_reason"] == "target_train_acc" and rec["stopped_at_epoch"] < 10
+    epochs = [row for row in rec["history"] if "train_eval/acc" in row and "train/loss" not in row]
+    assert (
+        epochs[-2]["train_eval/acc"] >= 0.6 > max((row["train_eval/acc"] for row in epochs[:-2]), default=0.0)
+    )
 
 
 def test_divergence_is_recorded_and_exits_zero(tmp_path):
