@@ -97,3 +97,22 @@ def test_bad_values_exit_nonzero_with_one_message_and_no_traceback(tmp_path):
         assert expected in proc.stderr
         assert "Traceback" not in proc.stderr + proc.stdout
         assert "Epoch" not in proc.stderr  # stopped before training
+
+
+def test_help_and_cfg_job_show_groups_and_config(tmp_path):
+    import subprocess
+    import sys
+
+    helped = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert helped.returncode == 0
+    for line in (
+        "model: c1, lenet, mlp, resnet18, resnet20, vgg",
+        "experiment: const_ratio",
+        "trainer: cpu, ddp",
+    ):
+        assert line in helped.stdout, line
+    job = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=c1", "--cfg", "job"], cwd=ROOT,
+                         capture_output=True, text=True)  # fmt: skip
+    assert job.returncode == 0 and "_target_: lightning_modules.models.c1" in job.stdout

@@ -165,3 +165,15 @@ def test_wandb_offline_one_run_per_job_and_resume_continues_it(tmp_path):
     assert len(resumed) == 2 and {r.name.rsplit("-", 1)[1] for r in resumed} == {ids[0]}
     assert len(list((job_dirs[1] / "wandb").glob("offline-run-*"))) == 1  # finished job skipped
     assert re.search(r"already finished", out.stdout)
+
+
+def test_wandb_without_credentials_runs_offline_and_says_how_to_sync(tmp_path):
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("WANDB_")}
+    env["HOME"] = str(tmp_path)  # no ~/.netrc with a W&B key
+    args = [sys.executable, str(ROOT / "train.py"), "logger=wandb", "trainer.max_steps=2",
+            "trainer.enable_progress_bar=false", "~callbacks.hessian", "~callbacks.adversarial"]  # fmt: skip
+    proc = subprocess.run(args, cwd=ROOT, env={**env, "SGD_LOG_DIR": str(tmp_path)}, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "logging offline" in proc.stdout and "wandb sync" in proc.stdout
+    assert len(list(tmp_path.rglob("offline-run-*"))) == 1
