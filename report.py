@@ -292,10 +292,20 @@ def figure_run(run: dict, out: Path):
         axes[1].plot(x, y, marker=".", label=label)
     axes[1].set_title("accuracy")
     _legend(axes[1], fontsize=8)
-    adv_keys = sorted({k for e in epochs for k in by_epoch[e] if ADV_KEY.match(k)})
-    for key in adv_keys:
+    adv_keys = {k for e in epochs for k in by_epoch[e] if ADV_KEY.match(k)}
+    eps_values = sorted({float(ADV_KEY.match(k)["eps"]) for k in adv_keys})
+    attacks = sorted({ADV_KEY.match(k)["attack"] for k in adv_keys})
+    for key in sorted(adv_keys):  # colour = eps, line style = attack
+        m = ADV_KEY.match(key)
         x, y = series(key)
-        axes[2].plot(x, y, marker=".", label=key.removeprefix("adv/"))
+        axes[2].plot(
+            x,
+            y,
+            marker=".",
+            color=plt.cm.viridis(eps_values.index(float(m["eps"])) / max(len(eps_values) - 1, 1)),
+            ls=("-", "--", ":", "-.")[attacks.index(m["attack"]) % 4],
+            label=key.removeprefix("adv/"),
+        )
     axes[2].set_title("robust accuracy")
     _legend(axes[2], fontsize=6, ncol=2)
     for ax in axes:

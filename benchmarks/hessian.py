@@ -1,7 +1,8 @@
 """Top-k Hessian eigenvalues: our Lanczos (callbacks.hessian) against PyHessian's power iteration.
 
 Model: paper B's C1 network (two blocks conv5x5 -> ReLU -> BatchNorm -> maxpool(3, 2, pad 1),
-then fc 384 -> fc 192 -> fc 10) in eval mode, on random MNIST-shaped samples (fixed seed).
+then fc 384 -> fc 192 -> fc 10) in eval mode on random MNIST-shaped samples, or ResNet-20 on
+random CIFAR-shaped samples (``--model resnet20``); fixed seeds.
 For each k in (1, 5) and each data mode (one batch; a loader of several batches) it reports the
 wall time of ours and of PyHessian (alternating, same process), their ratio, the number of
 Hessian-vector products and the largest relative error of the top-k against a converged
@@ -13,6 +14,7 @@ so the global seed is set before each run.
 
     python benchmarks/hessian.py --quick     # 256 samples, 16 channels (~3-5 min on 2 cores)
     python benchmarks/hessian.py             # 1024 samples, 64 channels (long on a CPU)
+    python benchmarks/hessian.py --quick --model resnet20   # ResNet-20, 64 CIFAR-shaped samples
 
 Threads default to 1: on the 2-core VMs two OpenMP threads made each product 2-6x slower.
 """
@@ -29,32 +31,16 @@ from machine import cpu_model  # benchmarks/machine.py (scripts run from benchma
 from torch import nn
 
 from callbacks.hessian import DEFAULT_TOL, HessianOperator, hessian_eigenvalues, lanczos_eigenvalues
+from lightning_modules import models
 
 FAST_TOL = 1e-3  # a looser Lanczos stop, still far more accurate than PyHessian's default
 
 
-def c1_net(channels: int = 64, in_channels: int = 1, side: int = 28) -> nn.Module:
-    """Paper B's C1: 2x [conv5x5(channels) -> ReLU -> BN -> maxpool(3, 2, 1)] -> 384 -> 192 -> 10."""
-
-    def block(cin: int) -> list[nn.Module]:
-        return [
-            nn.Conv2d(cin, channels, 5, padding=2),
-            nn.ReLU(),
-            nn.BatchNorm2d(channels),
-            nn.MaxPool2d(3, 2, 1),
-        ]
-
-    out_side = (side + 3) // 4
-    return nn.Sequential(
-        *block(in_channels),
-        *block(channels),
-        nn.Flatten(),
-        nn.Linear(channels * out_side * out_side, 384),
-        nn.ReLU(),
-        nn.Linear(384, 192),
-        nn.ReLU(),
-        nn.Linear(192, 10),
-    )
+def build_model(name: str, channels: int) -> tuple[nn.Module, tuple[int, int, int]]:
+    """The benchmarked network (the project's own definitions) and its input shape."""
+    if name == "c1":
+        return models.c1((1, 28, 28), 10, channels=channels), (1, 28, 28)
+    return models.resnet20((3, 32, 32), 10), (3, 32, 32)
 
 
 def pyhessian_topk(model: nn.Module, loss_fn, x, y, k: int, loader, seed: int) -> tuple[torch.Tensor, int]:
@@ -130,22 +116,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="256 samples, 16 channels")
+    parser.add_argument("--quick", action="store_true", help="256 samples (resnet20: 64), 16 channels")
+    parser.add_argument(
+        "--model",
+        choices=("c1", "resnet20"),
+        default="c1",
+        help="C1 on MNIST-shaped or ResNet-20 on CIFAR-shaped data",
+    )
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--channels", type=int, default=None)
     parser.add_argument("--loader-batch", type=int, default=None, help="batch size of the loader mode")
     parser.add_argument("--repeats", type=int, default=2, help="alternating repeats (single-batch mode)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    samples = args.samples or (256 if args.quick else 1024)
+    samples = args.samples or ((64 if args.model == "resnet20" else 256) if args.quick else 1024)
     channels = args.channels or (16 if args.quick else 64)
     loader_batch = args.loader_batch or samples // 4
     torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    base = c1_net(channels).eval()
+    base, shape = build_model(args.model, channels)
+    base.eval()
     g = torch.Generator().manual_seed(1)
-    x = torch.rand((samples, 1, 28, 28), generator=g)
+    x = torch.rand((samples, *shape), generator=g)
     y = torch.randint(0, 10, (samples,), generator=g)
     loss_fn = nn.CrossEntropyLoss()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=loader_batch)
@@ -156,7 +149,8 @@ def main() -> None:
         f"python {platform.python_version()}"
     )
     print(
-        f"model: C1 ({channels} channels), {dim} parameters, eval mode; {samples} random MNIST-shaped samples"
+        f"model: {args.model} ({channels} channels in C1), {dim} parameters, eval mode; "
+        f"{samples} random samples of shape {shape}"
     )
 
     ref, _ = reference_top(base, loss_fn, [(x, y)], 5)

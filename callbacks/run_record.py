@@ -94,11 +94,11 @@ def annotate_run(trainer, **fields: Any) -> None:
 def log_after_training(trainer, metrics: dict[str, float]) -> None:
     """Log metrics where Lightning forbids ``self.log`` (``on_train_end``): straight to the loggers
     (rank 0), and into ``trainer.callback_metrics`` so the caller of ``fit`` sees them."""
-    values = {
-        k: float(_plain(v)) if not isinstance(_plain(v), str) else float("nan") for k, v in metrics.items()
-    }
+    values = {k: float(v) for k, v in metrics.items()}
     if trainer.is_global_zero:
+        # the epoch that just ended (Lightning has already advanced its counter), as self.log would add
+        row = {**values, "epoch": float(max(trainer.current_epoch - 1, 0))}
         for logger in trainer.loggers:
-            logger.log_metrics(values, step=trainer.global_step)
+            logger.log_metrics(row, step=trainer.global_step)
             logger.save()
     trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
