@@ -25,12 +25,11 @@ from omegaconf import OmegaConf
 
 from callbacks.adversarial_accuracy import AdversarialAccuracy
 from callbacks.common import (
-    fixed_subset_indices,
     gradients_enabled,
-    load_items,
     preserved_module_state,
     split_batches,
 )
+from callbacks.epoch_measurement import load_rank_subset
 from callbacks.hessian import hessian_density
 from callbacks.hessian_spectrum import HessianSpectrum
 from callbacks.run_record import read_record, update_record
@@ -110,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         h["trace"] = args.trace or h.get("trace", False)
         spectrum = HessianSpectrum(**h)
         ds = dm.measurement_dataset("train")
-        x, y = load_items(ds, fixed_subset_indices(len(ds), spectrum.subset_size, spectrum.subset_seed))
+        x, y, _ = load_rank_subset(ds, spectrum.subset_size, spectrum.subset_seed, 0, 1)
         print(
             f"[measure] Hessian: top-{spectrum.k} on {len(x)} training samples (BatchNorm {spectrum.bn_mode}) ..."
         )
@@ -140,9 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         a.update({k: v for k, v in (("eps", args.eps), ("pgd_steps", args.pgd_steps)) if v is not None})
         adv = AdversarialAccuracy(**a)
         adv.specs = adv.build_specs(dm.name)
-        x, y, idx = adv.load(
-            dm.measurement_dataset("test"), None if args.full_test else adv.subset_size, 0, 1
-        )
+        size = None if args.full_test else adv.subset_size
+        x, y, idx = load_rank_subset(dm.measurement_dataset("test"), size, adv.subset_seed, 0, 1)
         print(
             f"[measure] attacks: {', '.join(adv.attacks)} at eps {sorted({s.eps for s in adv.specs})} on {len(x)} test samples ..."
         )

@@ -30,12 +30,10 @@ from torch import nn
 
 from callbacks.adversarial import AttackSpec, gradient_masking_warnings, robust_accuracy_counts
 from callbacks.common import (
-    fixed_subset_indices,
-    load_items,
     preserved_module_state,
-    shard_for_rank,
     split_batches,
 )
+from callbacks.epoch_measurement import EpochEndMeasurement, load_rank_subset
 from callbacks.run_record import log_after_training
 
 # eps grids in [0, 1] pixel units that include small eps: naturally trained nets reach ~0% at
@@ -57,7 +55,7 @@ def metric_name(spec: AttackSpec) -> str:
     return f"adv/{spec.name}_{spec.norm}/eps{spec.eps:.4g}"
 
 
-class AdversarialAccuracy(pl.Callback):
+class AdversarialAccuracy(EpochEndMeasurement):
     def __init__(
         self,
         every_n_epochs: int = 1,
@@ -75,8 +73,7 @@ class AdversarialAccuracy(pl.Callback):
         at_end: bool = True,
         seed: int = 0,
     ):
-        if not (isinstance(every_n_epochs, int) and every_n_epochs >= 1):
-            raise ValueError(f"adversarial.every_n_epochs={every_n_epochs!r}: must be an integer >= 1")
+        super().__init__(every_n_epochs, at_end, "adversarial")
         if subset_size is not None and not (isinstance(subset_size, int) and subset_size >= 1):
             raise ValueError(
                 f"adversarial.subset_size={subset_size!r}: must be a positive integer or null (all)"
@@ -86,7 +83,7 @@ class AdversarialAccuracy(pl.Callback):
             raise ValueError(f"adversarial.attacks={list(attacks)!r}: allowed fgsm, pgd")
         if eps is not None and any(not (0 <= e <= 1) for e in eps):
             raise ValueError(f"adversarial.eps={list(eps)!r}: each eps must be in [0, 1] (pixel units)")
-        self.every_n_epochs, self.subset_size, self.subset_seed = every_n_epochs, subset_size, subset_seed
+        self.subset_size, self.subset_seed = subset_size, subset_seed
         self.batch_size, self.eps, self.attacks, self.norm = batch_size, eps, list(attacks), norm
         self.pgd_steps, self.pgd_step_size, self.random_start = pgd_steps, pgd_step_size, random_start
         self.early_exit, self.full_test_at_end, self.at_end, self.seed = (
@@ -97,7 +94,6 @@ class AdversarialAccuracy(pl.Callback):
         )
         self.specs: list[AttackSpec] = []
         self._data: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._last_step: int | None = None
 
     def build_specs(self, dataset_name: str) -> list[AttackSpec]:
         eps = self.eps if self.eps is not None else DEFAULT_EPS[DATASET_FAMILY.get(dataset_name, "mnist")]
@@ -139,18 +135,15 @@ class AdversarialAccuracy(pl.Callback):
         metrics["adv/seconds"] = time.perf_counter() - start
         return metrics
 
-    def load(self, dataset, subset_size: int | None, rank: int, world: int):
-        indices = fixed_subset_indices(len(dataset), subset_size, self.subset_seed)
-        mine = shard_for_rank(indices, rank, world)
-        return (*load_items(dataset, mine), mine)
-
     # ---- Lightning hooks -----------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self._data is not None:
             return
         self.specs = self.build_specs(trainer.datamodule.name)
         dataset = trainer.datamodule.measurement_dataset("test")
-        self._data = self.load(dataset, self.subset_size, trainer.global_rank, trainer.world_size)
+        self._data = load_rank_subset(
+            dataset, self.subset_size, self.subset_seed, trainer.global_rank, trainer.world_size
+        )
         eps = sorted({s.eps for s in self.specs})
         rank_zero_info(
             f"[AdversarialAccuracy] {', '.join(self.attacks)} at eps {eps} on "
@@ -158,36 +151,19 @@ class AdversarialAccuracy(pl.Callback):
             f"{self.every_n_epochs} epoch(s)"
         )
 
-    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, data=None) -> dict[str, float]:
-        if not all(bool(torch.isfinite(p).all()) for p in pl_module.parameters()):
-            return {}  # a diverged run: nothing to measure (the same on every rank)
+    def _measure_module(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, data=None
+    ) -> dict[str, float]:
         param = next(pl_module.parameters())
         x, y, idx = data or self._data
-        self._last_step = trainer.global_step
         return self.measure(
             pl_module, x.to(param.device, param.dtype), y.to(param.device), idx.to(param.device)
         )
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs == 0 and (
-            metrics := self._run(trainer, pl_module)
-        ):
-            pl_module.log_dict(metrics, sync_dist=False)  # the same on every rank
-
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.at_end:
-            return
-        if self.full_test_at_end:
-            data = self.load(
-                trainer.datamodule.measurement_dataset("test"), None, trainer.global_rank, trainer.world_size
-            )
-            metrics = self._run(trainer, pl_module, data)
+        if not (self.at_end and self.full_test_at_end):
+            return super().on_train_end(trainer, pl_module)
+        dataset = trainer.datamodule.measurement_dataset("test")
+        data = load_rank_subset(dataset, None, self.subset_seed, trainer.global_rank, trainer.world_size)
+        if metrics := self._run(trainer, pl_module, data):
             log_after_training(trainer, {k.replace("adv/", "adv_full/", 1): v for k, v in metrics.items()})
-        elif self._last_step != trainer.global_step and (metrics := self._run(trainer, pl_module)):
-            log_after_training(trainer, metrics)
-
-    def state_dict(self) -> dict:
-        return {"last_step": self._last_step}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._last_step = state_dict.get("last_step")

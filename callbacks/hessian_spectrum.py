@@ -29,20 +29,17 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
 from callbacks.common import (
-    fixed_subset_indices,
     gradients_enabled,
-    load_items,
     preserved_module_state,
-    shard_for_rank,
     split_batches,
 )
+from callbacks.epoch_measurement import EpochEndMeasurement, load_rank_subset
 from callbacks.hessian import HessianOperator, hutchinson_trace, lanczos_eigenvalues
-from callbacks.run_record import log_after_training
 
 BN_MODES = ("eval", "train")
 
 
-class HessianSpectrum(pl.Callback):
+class HessianSpectrum(EpochEndMeasurement):
     def __init__(
         self,
         every_n_epochs: int = 1,
@@ -60,8 +57,7 @@ class HessianSpectrum(pl.Callback):
         at_end: bool = True,
         seed: int = 0,
     ):
-        if not (isinstance(every_n_epochs, int) and every_n_epochs >= 1):
-            raise ValueError(f"hessian.every_n_epochs={every_n_epochs!r}: must be an integer >= 1")
+        super().__init__(every_n_epochs, at_end, "hessian")
         if not (isinstance(k, int) and k >= 1):
             raise ValueError(f"hessian.k={k!r}: must be an integer >= 1")
         if subset_size is not None and not (isinstance(subset_size, int) and subset_size >= 1):
@@ -72,13 +68,12 @@ class HessianSpectrum(pl.Callback):
             raise ValueError(f"hessian.bn_mode={bn_mode!r}: allowed {', '.join(BN_MODES)}")
         if not tol > 0:
             raise ValueError(f"hessian.tol={tol!r}: must be > 0")
-        self.every_n_epochs, self.subset_size, self.subset_seed = every_n_epochs, subset_size, subset_seed
+        self.subset_size, self.subset_seed = subset_size, subset_seed
         self.batch_size, self.k, self.smallest = batch_size, k, smallest
         self.tol, self.max_iter = tol, max_iter
         self.trace, self.trace_rtol, self.trace_max_samples = trace, trace_rtol, trace_max_samples
-        self.bn_mode, self.at_end, self.seed = bn_mode, at_end, seed
+        self.bn_mode, self.seed = bn_mode, seed
         self._data: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._last_step: int | None = None
 
     # ---- the measurement, usable without a Trainer (see measure.py) -------------------------
     def measure(self, model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -121,38 +116,17 @@ class HessianSpectrum(pl.Callback):
         if stage != "fit" or self._data is not None:
             return
         dataset = trainer.datamodule.measurement_dataset("train")
-        indices = fixed_subset_indices(len(dataset), self.subset_size, self.subset_seed)
-        self._data = load_items(dataset, shard_for_rank(indices, trainer.global_rank, trainer.world_size))
+        x, y, _ = load_rank_subset(
+            dataset, self.subset_size, self.subset_seed, trainer.global_rank, trainer.world_size
+        )
+        self._data = (x, y)
         rank_zero_info(
-            f"[HessianSpectrum] top-{self.k} eigenvalues on {len(indices)} fixed training samples "
-            f"(BatchNorm in {self.bn_mode} mode) every {self.every_n_epochs} epoch(s)"
+            f"[HessianSpectrum] top-{self.k} eigenvalues on {min(self.subset_size or len(dataset), len(dataset))} "
+            f"fixed training samples (BatchNorm in {self.bn_mode} mode) every {self.every_n_epochs} epoch(s)"
         )
 
-    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        if not all(bool(torch.isfinite(p).all()) for p in pl_module.parameters()):
-            return {}  # a diverged run: nothing to measure (the same on every rank)
+    def _measure_module(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         param = next(pl_module.parameters())
         x, y = (t.to(param.device) for t in self._data)
         loss_fn = getattr(pl_module, "loss_fn", None) or nn.functional.cross_entropy
-        self._last_step = trainer.global_step
         return self.measure(pl_module, loss_fn, x.to(param.dtype), y)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs == 0 and (
-            metrics := self._run(trainer, pl_module)
-        ):
-            pl_module.log_dict(metrics, sync_dist=False)  # the same on every rank
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (
-            self.at_end
-            and self._last_step != trainer.global_step
-            and (metrics := self._run(trainer, pl_module))
-        ):
-            log_after_training(trainer, metrics)
-
-    def state_dict(self) -> dict:
-        return {"last_step": self._last_step}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._last_step = state_dict.get("last_step")

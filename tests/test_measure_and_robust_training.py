@@ -13,7 +13,7 @@ TINY = [*FAST, "model=mlp", "callbacks.hessian.subset_size=300", "callbacks.hess
 
 
 def test_measure_checkpoint_matches_the_training_record(tmp_path):
-    run_train([*TINY, "trainer.max_epochs=1"], tmp_path)
+    run_train([*TINY, "trainer.max_epochs=1", "callbacks.adversarial.full_test_at_end=true"], tmp_path)
     ((name, rec),) = records(tmp_path).items()
     run_dir = tmp_path / "runs" / name
     args = [str(run_dir), "--float64", "--trace", "--attacks", "--density", "--density-steps", "10"]
@@ -23,6 +23,9 @@ def test_measure_checkpoint_matches_the_training_record(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     measured = json.loads((run_dir / "measurements" / "last.json").read_text())["metrics"]
     trained = rec["final"]
+    # full_test_at_end: the whole test set (here the 500 embedded test digits = the per-epoch subset)
+    assert trained["adv_full/n_samples"] == 500
+    assert abs(trained["adv_full/pgd_linf/eps0.1"] - trained["adv/pgd_linf/eps0.1"]) < 1e-6
     # same samples, same weights: float64 re-measurement equals the float32 one of the callback
     for key in ("hessian/lambda_1", "hessian/lambda_2", "hessian/lambda_min"):
         assert abs(measured[key] - trained[key]) <= 1e-4 * abs(trained["hessian/lambda_1"]), key
