@@ -174,6 +174,8 @@ class SGDClassifier(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         values = {}
         for i, name in enumerate(self.eval_names):
+            # skip sets this loop did not evaluate (trainer.test fills only "test"); under DDP every
+            # rank must still compute, since compute() is a collective and a rank's shard may be empty
             if self.eval_acc[i].update_count == 0 and not torch.distributed.is_initialized():
                 continue
             values[f"{name}/loss"] = self.eval_loss[i].compute()
