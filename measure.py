@@ -24,16 +24,13 @@ import torch
 from omegaconf import OmegaConf
 
 from callbacks.adversarial_accuracy import AdversarialAccuracy
-from callbacks.common import (
-    gradients_enabled,
-    preserved_module_state,
-    split_batches,
-)
-from callbacks.epoch_measurement import load_rank_subset
-from callbacks.hessian import hessian_density
 from callbacks.hessian_spectrum import HessianSpectrum
-from callbacks.run_record import read_record, update_record
+from lifecycle.build import build_model
+from lifecycle.record import RECORD, read_record, update_record
 from lightning_modules.data import ImageDataModule
+from measures.batches import load_rank_subset, split_batches
+from measures.hessian import hessian_density
+from measures.module_state import gradients_enabled, preserved_module_state
 
 
 def find_checkpoint(run_dir: Path, which: str) -> Path:
@@ -51,13 +48,11 @@ def find_checkpoint(run_dir: Path, which: str) -> Path:
 
 def load_model(run_dir: Path, checkpoint: Path, float64: bool):
     """The run's network with the checkpoint's weights, plus its resolved config."""
-    import train
-
-    record = read_record(run_dir / "results.json")
+    record = read_record(run_dir / RECORD)
     if "config" not in record:
-        raise SystemExit(f"error: {run_dir}/results.json has no config: is this a run directory of train.py?")
+        raise SystemExit(f"error: {run_dir}/{RECORD} has no config: is this a run directory of train.py?")
     cfg = OmegaConf.create(record["config"])
-    net = train.build_model(cfg)
+    net = build_model(cfg)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
     return (net.double() if float64 else net), cfg
@@ -138,16 +133,15 @@ def main(argv: list[str] | None = None) -> int:
         a = {k: v for k, v in callbacks.get("adversarial", {}).items() if k != "_target_"}
         a.update({k: v for k, v in (("eps", args.eps), ("pgd_steps", args.pgd_steps)) if v is not None})
         adv = AdversarialAccuracy(**a)
-        adv.specs = adv.build_specs(dm.name)
+        adv.specs = adv.build_specs(dm.info.default_eps)
         size = None if args.full_test else adv.subset_size
         x, y, idx = load_rank_subset(dm.measurement_dataset("test"), size, adv.subset_seed, 0, 1)
         print(
             f"[measure] attacks: {', '.join(adv.attacks)} at eps {sorted({s.eps for s in adv.specs})} on {len(x)} test samples ..."
         )
         metrics = adv.measure(net, x.to(dtype), y, idx)
-        results.update(
-            {k.replace("adv/", "adv_full/", 1) if args.full_test else k: v for k, v in metrics.items()}
-        )
+        full = f"{adv.prefix}_full/"
+        results.update({full + k.split("/", 1)[1] if args.full_test else k: v for k, v in metrics.items()})
         print(
             "[measure] "
             + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("adv/") and "/eps" in k)
@@ -158,10 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "run_dir"}
     out.write_text(json.dumps({"checkpoint": str(ckpt), "settings": settings, "metrics": results}, indent=1))
-    record = read_record(run_dir / "results.json")
+    record = read_record(run_dir / RECORD)
     measured = record.get("checkpoint_measurements", {})
     measured[name] = {"checkpoint": str(ckpt), "settings": settings, "metrics": results}
-    update_record(run_dir / "results.json", checkpoint_measurements=measured)
+    update_record(run_dir / RECORD, checkpoint_measurements=measured)
     print(f"[measure] wrote {out} and results.json:checkpoint_measurements[{name!r}]")
     return 0
 

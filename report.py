@@ -40,14 +40,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
+from lifecycle.loggers import wandb_mode  # noqa: E402
+from lifecycle.record import FINISHED, RECORD  # noqa: E402
+from lightning_modules.config import effective_lr  # noqa: E402
+
 ADV_KEY = re.compile(r"^adv/(?P<attack>[a-z]+_[a-z0-9]+)/eps(?P<eps>[0-9.e+-]+)$")
-FINISHED = ("completed", "diverged")
 
 
 # ---- reading -------------------------------------------------------------------------------
 def load_runs(sweep_dir: Path) -> list[dict]:
     runs = []
-    for path in sorted(sweep_dir.rglob("results.json")):
+    for path in sorted(sweep_dir.rglob(RECORD)):
         if "report" in path.parts:
             continue
         rec = json.loads(path.read_text())
@@ -97,11 +100,7 @@ def tidy(runs: list[dict]) -> pd.DataFrame:
         cfg = r.get("config", {})
         opt, adv_train = cfg.get("optimizer", {}), cfg.get("adversarial_training", {})
         final = r.get("final", {})
-        lr = (
-            opt.get("lr_ratio", 0) * opt.get("batch_size", 0)
-            if opt.get("lr_rule") == "ratio"
-            else opt.get("lr")
-        )
+        lr = effective_lr(opt.get("lr_rule"), opt.get("lr"), opt.get("lr_ratio"), opt.get("batch_size"))
         row = {
             "job": r["job"],
             "status": r.get("status"),
@@ -122,9 +121,8 @@ def tidy(runs: list[dict]) -> pd.DataFrame:
         }
         for key in ("train_eval/loss", "train_eval/acc", "test/loss", "test/acc", "val/acc", "gen_gap/acc"):
             row[key.replace("train_eval", "train")] = _num(final.get(key))
-        for key, value in final.items():
-            if key.startswith(("hessian/", "adv/", "adv_full/")):
-                row[key] = _num(value)
+        for key, value in final.items():  # every final metric, a user callback's too
+            row.setdefault(key, _num(value))
         if row.get("lr") and row.get("momentum") is not None:
             row["stability_threshold"] = 2 * (1 + row["momentum"]) / row["lr"]
         rows.append(row)
@@ -266,7 +264,7 @@ def figure_robust_training(df, out):
 def figure_run(run: dict, out: Path):
     history = run.get("history", [])
     cfg = run.get("config", {}).get("optimizer", {})
-    lr = cfg.get("lr_ratio", 0) * cfg.get("batch_size", 0) if cfg.get("lr_rule") == "ratio" else cfg.get("lr")
+    lr = effective_lr(cfg.get("lr_rule"), cfg.get("lr"), cfg.get("lr_ratio"), cfg.get("batch_size"))
     by_epoch: dict[int, dict] = {}
     for row in history:
         if "epoch" in row:
@@ -362,15 +360,11 @@ def report(sweep_dir: Path, out: Path | None = None) -> tuple[pd.DataFrame, list
 
 
 def log_to_wandb(sweep_dir: Path, out: Path, df: pd.DataFrame) -> None:
-    import os
-
     import wandb
-
-    from train import _wandb_has_credentials
 
     runs = load_runs(sweep_dir)
     group = runs[0].get("config", {}).get("experiment_name", sweep_dir.name) if runs else sweep_dir.name
-    mode = None if os.environ.get("WANDB_MODE") or _wandb_has_credentials() else "offline"
+    mode = wandb_mode()
     run = wandb.init(
         project="sgd-curvature",
         group=group,

@@ -1,4 +1,4 @@
-"""Throughput of ``callbacks.adversarial`` vs torchattacks, and the speed-up of early exit.
+"""Throughput of ``measures.attacks`` vs torchattacks, and the speed-up of early exit.
 
     python benchmarks/adversarial.py [--quick] [--threads N] [--device cpu|cuda]
 
@@ -27,8 +27,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from machine import cpu_model  # benchmarks/machine.py (scripts run from benchmarks/)
 
-from callbacks.adversarial import AttackSpec, fgsm, pgd, robust_accuracy_counts  # noqa: E402
-from callbacks.common import split_batches  # noqa: E402
+from measures.attacks import AttackSpec, fgsm, pgd, robust_accuracy_counts  # noqa: E402
+from measures.batches import split_batches  # noqa: E402
 
 
 def lenet() -> nn.Module:

@@ -1,4 +1,4 @@
-"""Top-k Hessian eigenvalues: our Lanczos (callbacks.hessian) against PyHessian's power iteration.
+"""Top-k Hessian eigenvalues: our Lanczos (measures.hessian) against PyHessian's power iteration.
 
 Model: paper B's C1 network (two blocks conv5x5 -> ReLU -> BatchNorm -> maxpool(3, 2, pad 1),
 then fc 384 -> fc 192 -> fc 10) in eval mode on random MNIST-shaped samples, or ResNet-20 on
@@ -30,8 +30,9 @@ import torch
 from machine import cpu_model  # benchmarks/machine.py (scripts run from benchmarks/)
 from torch import nn
 
-from callbacks.hessian import DEFAULT_TOL, HessianOperator, hessian_eigenvalues, lanczos_eigenvalues
 from lightning_modules import models
+from measures.hessian import HessianOperator, hessian_eigenvalues
+from measures.linalg import DEFAULT_TOL, lanczos_eigenvalues
 
 FAST_TOL = 1e-3  # a looser Lanczos stop, still far more accurate than PyHessian's default
 
@@ -197,19 +198,6 @@ def main() -> None:
         f" reference; err ratio = PyHessian err / our err. Ours: Lanczos, cached graph, tol = default"
         f" ({DEFAULT_TOL:g}) or {FAST_TOL:g} (relative residual); PyHessian: power iteration + deflation,"
         " maxIter=100, tol=1e-3 (its loader mode recomputes the forward pass per product)."
-    )
-
-    # Batched second backward (vmap over is_grads_batched) vs one backward per column
-    op = HessianOperator(base, loss_fn, [(x, y)], cache=True)
-    vs = torch.randn(op.dim, 4, generator=torch.Generator().manual_seed(2))
-    mm: dict[bool, list[float]] = {False: [], True: []}
-    for batched in (False, True, False, True):
-        t0 = time.perf_counter()
-        op.matmat(vs, batched=batched)
-        mm[batched].append(time.perf_counter() - t0)
-    print(
-        f"matmat of 4 vectors: loop {min(mm[False]):.2f} s, batched (is_grads_batched) "
-        f"{min(mm[True]):.2f} s -> default is the loop"
     )
 
 

@@ -1,5 +1,8 @@
-"""Lightning callbacks and the plain measurement functions they wrap.
+"""Lightning callbacks only: thin wrappers over :mod:`measures`, one file each.
 
-The pure algorithms (Hessian spectrum, adversarial attacks) live in Lightning-free modules
-and can be used on any ``nn.Module``; each callback is a thin wrapper in its own file.
+- :class:`callbacks.epoch_measurement.EpochEndMeasurement`: the base of a measurement taken at
+  epoch ends (subclass it for a new measurement; README "Adding a callback");
+- :class:`callbacks.hessian_spectrum.HessianSpectrum`: top of the Hessian spectrum;
+- :class:`callbacks.adversarial_accuracy.AdversarialAccuracy`: clean and robust accuracy;
+- :class:`callbacks.training_target.TrainingTarget`: stop at a target train loss/accuracy.
 """

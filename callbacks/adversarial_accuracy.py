@@ -1,23 +1,4 @@
-"""``AdversarialAccuracy``: clean and robust accuracy over an eps grid at epoch ends.
-
-A thin wrapper around :func:`callbacks.adversarial.robust_accuracy_counts`: every
-``every_n_epochs`` epochs and once more when training ends, on a FIXED, seeded, un-augmented
-subset of the test set (the same samples every epoch and run), with the unwrapped module in
-eval mode, it logs
-
-    adv/clean                    clean accuracy on the subset
-    adv/<attack>_<norm>/eps<e>   robust accuracy under each attack and eps (pixel units, [0, 1])
-    adv/n_samples, adv/seconds
-
-"Robust accuracy" counts a sample as robust when the model classifies it correctly at clean
-AND at every iterate of the attack (``early_exit=true``, as AutoAttack counts; samples wrong at
-clean are not attacked, and PGD stops on a sample once it is fooled), or on the final iterate
-only (``early_exit=false``, torchattacks' definition). Counts are summed over ranks with no
-sample on two ranks, and each sample's random start is seeded by (seed, its index in the test
-set), so the numbers are identical on any device count. At the end of training the full
-test set can be used (``full_test_at_end=true``). Signs of gradient masking (accuracy rising
-with eps, PGD above FGSM, eps=0 not equal to clean) are warned about.
-"""
+"""``AdversarialAccuracy``: clean and robust accuracy over an eps grid at epoch ends."""
 
 from __future__ import annotations
 
@@ -28,34 +9,49 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from callbacks.adversarial import AttackSpec, gradient_masking_warnings, robust_accuracy_counts
-from callbacks.common import (
-    preserved_module_state,
-    split_batches,
-)
-from callbacks.epoch_measurement import EpochEndMeasurement, load_rank_subset
-from callbacks.run_record import log_after_training
-
-# eps grids in [0, 1] pixel units that include small eps: naturally trained nets reach ~0% at
-# the standard large eps (MNIST 0.3, CIFAR 8/255), see STUDY.md
-DEFAULT_EPS = {
-    "mnist": [0.0, 0.02, 0.05, 0.1, 0.2, 0.3],
-    "cifar": [0.0, 0.5 / 255, 1 / 255, 2 / 255, 4 / 255, 8 / 255],
-}
-DATASET_FAMILY = {
-    "mnist5k": "mnist",
-    "mnist": "mnist",
-    "fashion_mnist": "mnist",
-    "cifar10": "cifar",
-    "cifar100": "cifar",
-}
-
-
-def metric_name(spec: AttackSpec) -> str:
-    return f"adv/{spec.name}_{spec.norm}/eps{spec.eps:.4g}"
+from callbacks.epoch_measurement import EpochEndMeasurement, log_after_training
+from lightning_modules.config import ATTACKS, NORMS, check
+from measures.attacks import AttackSpec, robust_accuracy_counts
+from measures.batches import load_rank_subset, split_batches
+from measures.checks import gradient_masking_warnings
+from measures.module_state import preserved_module_state
 
 
 class AdversarialAccuracy(EpochEndMeasurement):
+    """Clean and robust accuracy over an eps grid, at epoch ends.
+
+    A thin wrapper around :func:`measures.attacks.robust_accuracy_counts`: every
+    ``every_n_epochs`` epochs and once more when training ends, on a FIXED, seeded, un-augmented
+    subset of the test set (the same samples every epoch and run), with the unwrapped module in
+    eval mode, it logs (``prefix`` = ``adv`` by default)::
+
+        adv/clean                    clean accuracy on the subset
+        adv/<attack>_<norm>/eps<e>   robust accuracy under each attack and eps (pixel units, [0, 1])
+        adv/n_samples, adv/seconds
+
+    and, with ``full_test_at_end``, the final measurement on the whole test set under
+    ``adv_full/``. A sample counts as robust when the model classifies it correctly at clean AND
+    at every iterate of the attack (``early_exit=true``, as AutoAttack counts; samples wrong at
+    clean are not attacked, and PGD stops on a sample once it is fooled), or on the final iterate
+    only (``early_exit=false``, torchattacks' definition). Counts are summed over ranks with no
+    sample on two ranks, and each sample's random start is seeded by (seed, its index in the
+    test set), so the numbers are identical on any device count. Signs of gradient masking
+    (:mod:`measures.checks`) are warned about.
+
+    Args:
+        every_n_epochs, at_end, prefix: when to measure and the metric namespace
+            (:class:`~callbacks.epoch_measurement.EpochEndMeasurement`).
+        subset_size, subset_seed: the fixed test samples (null: the whole test set).
+        batch_size: samples per attack batch.
+        eps: the eps grid (pixel units); null: the dataset's ``default_eps``
+            (:data:`lightning_modules.data.DATASETS`).
+        attacks: any of fgsm, pgd; ``norm``: PGD's ball (linf, l2); ``pgd_steps``,
+            ``pgd_step_size`` (null: 2.5·eps/steps), ``random_start``.
+        early_exit: the count described above.
+        full_test_at_end: the final measurement on the whole test set.
+        seed: the random starts' seed.
+    """
+
     def __init__(
         self,
         every_n_epochs: int = 1,
@@ -72,17 +68,35 @@ class AdversarialAccuracy(EpochEndMeasurement):
         full_test_at_end: bool = False,
         at_end: bool = True,
         seed: int = 0,
+        prefix: str = "adv",
     ):
-        super().__init__(every_n_epochs, at_end, "adversarial")
-        if subset_size is not None and not (isinstance(subset_size, int) and subset_size >= 1):
-            raise ValueError(
-                f"adversarial.subset_size={subset_size!r}: must be a positive integer or null (all)"
-            )
-        bad = [a for a in attacks if a not in ("fgsm", "pgd")]
-        if bad:
-            raise ValueError(f"adversarial.attacks={list(attacks)!r}: allowed fgsm, pgd")
-        if eps is not None and any(not (0 <= e <= 1) for e in eps):
-            raise ValueError(f"adversarial.eps={list(eps)!r}: each eps must be in [0, 1] (pixel units)")
+        super().__init__(every_n_epochs, at_end, prefix)
+        check(
+            subset_size is None or (isinstance(subset_size, int) and subset_size >= 1),
+            "subset_size",
+            subset_size,
+            "must be a positive integer or null (all)",
+        )
+        check(all(a in ATTACKS for a in attacks), "attacks", list(attacks), f"allowed: {', '.join(ATTACKS)}")
+        check(norm in NORMS, "norm", norm, f"allowed: {', '.join(NORMS)}")
+        check(
+            eps is None or all(0 <= e <= 1 for e in eps),
+            "eps",
+            None if eps is None else list(eps),
+            "each eps must be in [0, 1] (pixel units)",
+        )
+        check(
+            isinstance(batch_size, int) and batch_size >= 1,
+            "batch_size",
+            batch_size,
+            "must be a positive integer",
+        )
+        check(
+            isinstance(pgd_steps, int) and pgd_steps >= 0, "pgd_steps", pgd_steps, "must be an integer >= 0"
+        )
+        check(
+            pgd_step_size is None or pgd_step_size > 0, "pgd_step_size", pgd_step_size, "must be > 0 or null"
+        )
         self.subset_size, self.subset_seed = subset_size, subset_seed
         self.batch_size, self.eps, self.attacks, self.norm = batch_size, eps, list(attacks), norm
         self.pgd_steps, self.pgd_step_size, self.random_start = pgd_steps, pgd_step_size, random_start
@@ -95,8 +109,13 @@ class AdversarialAccuracy(EpochEndMeasurement):
         self.specs: list[AttackSpec] = []
         self._data: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def build_specs(self, dataset_name: str) -> list[AttackSpec]:
-        eps = self.eps if self.eps is not None else DEFAULT_EPS[DATASET_FAMILY.get(dataset_name, "mnist")]
+    def metric_name(self, spec: AttackSpec) -> str:
+        """``adv/<attack>_<norm>/eps<e>``: the logged name of one attack of the grid."""
+        return f"{self.prefix}/{spec.name}_{spec.norm}/eps{spec.eps:.4g}"
+
+    def build_specs(self, default_eps) -> list[AttackSpec]:
+        """The attack grid: every attack at every eps (``self.eps``, else ``default_eps``)."""
+        eps = self.eps if self.eps is not None else default_eps
         specs = []
         for name in self.attacks:
             norm = "linf" if name == "fgsm" else self.norm
@@ -127,20 +146,20 @@ class AdversarialAccuracy(EpochEndMeasurement):
         for message in gradient_masking_warnings(counts, self.specs):
             rank_zero_warn(f"[AdversarialAccuracy] {message}")
         correct, total = counts["clean"]
-        metrics = {"adv/clean": correct / max(total, 1)}
+        metrics = {f"{self.prefix}/clean": correct / max(total, 1)}
         for spec in self.specs:
             c, n = counts[spec.key]
-            metrics[metric_name(spec)] = c / max(n, 1)
-        metrics["adv/n_samples"] = float(total)
-        metrics["adv/seconds"] = time.perf_counter() - start
+            metrics[self.metric_name(spec)] = c / max(n, 1)
+        metrics[f"{self.prefix}/n_samples"] = float(total)
+        metrics[f"{self.prefix}/seconds"] = time.perf_counter() - start
         return metrics
 
     # ---- Lightning hooks -----------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self._data is not None:
             return
-        self.specs = self.build_specs(trainer.datamodule.name)
-        dataset = trainer.datamodule.measurement_dataset("test")
+        dataset = self.measurement_dataset(trainer, "test")
+        self.specs = self.build_specs(trainer.datamodule.info.default_eps)
         self._data = load_rank_subset(
             dataset, self.subset_size, self.subset_seed, trainer.global_rank, trainer.world_size
         )
@@ -151,7 +170,7 @@ class AdversarialAccuracy(EpochEndMeasurement):
             f"{self.every_n_epochs} epoch(s)"
         )
 
-    def _measure_module(
+    def measure_module(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, data=None
     ) -> dict[str, float]:
         param = next(pl_module.parameters())
@@ -163,7 +182,8 @@ class AdversarialAccuracy(EpochEndMeasurement):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not (self.at_end and self.full_test_at_end):
             return super().on_train_end(trainer, pl_module)
-        dataset = trainer.datamodule.measurement_dataset("test")
+        dataset = self.measurement_dataset(trainer, "test")
         data = load_rank_subset(dataset, None, self.subset_seed, trainer.global_rank, trainer.world_size)
         if metrics := self._run(trainer, pl_module, data):
-            log_after_training(trainer, {k.replace("adv/", "adv_full/", 1): v for k, v in metrics.items()})
+            full = f"{self.prefix}_full/"
+            log_after_training(trainer, {full + k.split("/", 1)[1]: v for k, v in metrics.items()})

@@ -1,12 +1,6 @@
-"""What the measurement callbacks share: when they measure, and what they restore and record.
+"""``EpochEndMeasurement``: the base to subclass for a measurement taken at epoch ends.
 
-A subclass implements ``_measure_module(trainer, pl_module) -> metrics``. This base calls it
-every ``every_n_epochs`` epochs at the end of the training epoch (after validation; the values
-are the same on every rank, so they are logged without a sync), and once more when training
-ends if the last measurement is older than the last step (written through the loggers, since
-Lightning forbids ``self.log`` there). A diverged model (non-finite weights, identical on every
-rank) is not measured. The step of the last measurement is checkpointed, so a resumed run does
-not measure the same weights twice.
+See the README's "Adding a callback" for a worked example.
 """
 
 from __future__ import annotations
@@ -14,31 +8,87 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
-from callbacks.common import fixed_subset_indices, load_items, shard_for_rank
-from callbacks.run_record import log_after_training
+from lightning_modules.config import ConfigError, check
 
 
-def load_rank_subset(dataset, size: int | None, seed: int, rank: int, world: int):
-    """(x, y, idx) of this rank's block of the fixed subset: the same samples every epoch and run."""
-    mine = shard_for_rank(fixed_subset_indices(len(dataset), size, seed), rank, world)
-    return (*load_items(dataset, mine), mine)
+def log_after_training(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Log metrics where Lightning forbids ``self.log`` (``on_train_end``): straight to the loggers
+    (rank 0), and into ``trainer.callback_metrics`` so the caller of ``fit`` sees them."""
+    values = {k: float(v) for k, v in metrics.items()}
+    if trainer.is_global_zero:
+        # the epoch that just ended (Lightning has already advanced its counter), as self.log would add
+        row = {**values, "epoch": float(max(trainer.current_epoch - 1, 0))}
+        for logger in trainer.loggers:
+            logger.log_metrics(row, step=trainer.global_step)
+            logger.save()
+    trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
 
 
 class EpochEndMeasurement(pl.Callback):
-    def __init__(self, every_n_epochs: int, at_end: bool, name: str):
-        if not (isinstance(every_n_epochs, int) and every_n_epochs >= 1):
-            raise ValueError(f"{name}.every_n_epochs={every_n_epochs!r}: must be an integer >= 1")
-        self.every_n_epochs, self.at_end = every_n_epochs, at_end
+    """Base of the measurement callbacks: when they measure, and what they guard and checkpoint.
+
+    A subclass implements ``measure_module(trainer, pl_module) -> {name: value}`` (names under
+    ``f"{self.prefix}/"``). This base calls it every ``every_n_epochs`` epochs at the end of the
+    training epoch (after validation) and logs the values without a sync, so they must be the
+    same on every rank; and once more when training ends (``at_end``) if the last measurement is
+    older than the last step, written through the loggers since Lightning forbids ``self.log``
+    there. A diverged model (non-finite weights, the same on every rank) is not measured.
+
+    Args:
+        every_n_epochs: measure at the end of every n-th epoch.
+        at_end: measure the final weights too.
+        prefix: the metric namespace (``hessian``, ``adv``); two instances of one callback need
+            different prefixes. It is also the checkpoint key (:attr:`state_key`), which holds
+            the step of the last measurement, so a resumed run does not measure the same weights
+            twice.
+
+    What it needs of the datamodule: ``trainer.datamodule.measurement_dataset(split)``, an
+    un-augmented ``"train"``/``"test"`` dataset of ``(image, label)`` items (see
+    :meth:`measurement_dataset`), and, for the attack callback, ``trainer.datamodule.info``
+    (a :class:`lightning_modules.data.DatasetInfo`); :class:`lightning_modules.data.ImageDataModule`
+    has both.
+    """
+
+    def __init__(self, every_n_epochs: int, at_end: bool, prefix: str):
+        check(
+            isinstance(every_n_epochs, int) and every_n_epochs >= 1,
+            "every_n_epochs",
+            every_n_epochs,
+            "must be an integer >= 1",
+        )
+        check(
+            isinstance(prefix, str) and prefix != "" and "/" not in prefix,
+            "prefix",
+            prefix,
+            "a name without '/'",
+        )
+        self.every_n_epochs, self.at_end, self.prefix = every_n_epochs, at_end, prefix
         self._last_step: int | None = None
 
-    def _measure_module(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> dict[str, float]:
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix)
+
+    def measurement_dataset(self, trainer: pl.Trainer, split: str):
+        """The datamodule's un-augmented ``split`` ("train" or "test"), with a clear error if it has none."""
+        get = getattr(trainer.datamodule, "measurement_dataset", None)
+        if get is None:
+            raise ConfigError(
+                "data",
+                type(trainer.datamodule).__name__,
+                f"{type(self).__name__} needs a datamodule with measurement_dataset(split) "
+                "(e.g. lightning_modules.data.ImageDataModule)",
+            )
+        return get(split)
+
+    def measure_module(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> dict[str, float]:
         raise NotImplementedError
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> dict[str, float]:
         if not all(bool(torch.isfinite(p).all()) for p in pl_module.parameters()):
             return {}  # a diverged run: nothing to measure (the same on every rank)
         self._last_step = trainer.global_step
-        return self._measure_module(trainer, pl_module, *args)
+        return self.measure_module(trainer, pl_module, *args)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0 and (

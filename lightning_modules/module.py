@@ -18,58 +18,26 @@ import torch
 import torchmetrics
 from torch import nn
 
-from callbacks.adversarial import AttackSpec, adversarial_examples
-
-LR_RULES = ("fixed", "ratio")
-SCHEDULES = ("constant", "step", "cosine")
-
-
-@dataclasses.dataclass
-class SGDConfig:
-    batch_size: int = 128
-    lr: float = 0.01
-    lr_rule: str = "fixed"
-    lr_ratio: float | None = None
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-    step_epochs: float = 5
-    gamma: float = 0.5
-    warmup_epochs: float = 0.0
-
-    @property
-    def effective_lr(self) -> float:
-        return self.lr_ratio * self.batch_size if self.lr_rule == "ratio" else self.lr
-
-    def lr_factor(self, epoch: float, total_epochs: float) -> float:
-        """Multiplier of the base lr at fractional ``epoch`` (0-based) of ``total_epochs``."""
-        if self.schedule == "step":
-            factor = self.gamma ** math.floor(epoch / self.step_epochs)
-        elif self.schedule == "cosine":
-            factor = 0.5 * (1 + math.cos(math.pi * min(epoch / max(total_epochs, 1e-12), 1.0)))
-        else:
-            factor = 1.0
-        if self.warmup_epochs > 0 and epoch < self.warmup_epochs:
-            factor *= (epoch + 1e-12) / self.warmup_epochs
-        return factor
-
-
-@dataclasses.dataclass
-class AdversarialTraining:
-    """Train on adversarial examples (paper B's robust training). ``attack``: fgsm or pgd."""
-
-    enabled: bool = False
-    attack: str = "fgsm"
-    eps: float = 0.1
-    steps: int = 1
-    step_size: float | None = None
-    norm: str = "linf"
-    fraction: float = 1.0
-    bn_mode: str = "eval"  # module mode while the examples are generated: eval keeps BN stats untouched
+from lightning_modules.config import AdversarialTraining, SGDConfig
+from measures.attacks import AttackSpec, adversarial_examples
 
 
 class SGDClassifier(pl.LightningModule):
+    """A classifier ``net`` trained by SGD with the settings of :class:`SGDConfig`.
+
+    Args:
+        net: the network (normalization inside; inputs in [0, 1] pixel space).
+        sgd: SGD's hyperparameters; ``adversarial``: adversarial training, off by default.
+        per_device_batch / micro_batch: what one device sees per step / per forward pass
+            (recorded; the sampler does the split).
+        num_classes: for the accuracy metrics.
+
+    Logs at each epoch end: ``train/loss``, ``train/acc`` (the epoch's training samples, all
+    ranks), ``opt/lr``, ``opt/momentum``, ``opt/batch_size``, ``opt/per_device_batch``,
+    ``opt/micro_batch``; after each validation ``{val,test,train_eval}/{loss,acc}`` and
+    ``gen_gap/{acc,loss}``; every ``log_every_n_steps`` steps ``train/loss_step``.
+    """
+
     def __init__(
         self,
         net: nn.Module,
@@ -174,8 +142,8 @@ class SGDClassifier(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         values = {}
         for i, name in enumerate(self.eval_names):
-            # skip sets this loop did not evaluate (trainer.test fills only "test"); under DDP every
-            # rank must still compute, since compute() is a collective and a rank's shard may be empty
+            # skip sets this loop did not evaluate; under DDP every rank must still compute, since
+            # compute() is a collective and a rank's shard may be empty
             if self.eval_acc[i].update_count == 0 and not torch.distributed.is_initialized():
                 continue
             values[f"{name}/loss"] = self.eval_loss[i].compute()
@@ -186,12 +154,6 @@ class SGDClassifier(pl.LightningModule):
             values["gen_gap/acc"] = values["train_eval/acc"] - values["test/acc"]
             values["gen_gap/loss"] = values["test/loss"] - values["train_eval/loss"]
         self.log_dict(values, prog_bar=False)
-
-    def test_step(self, batch, batch_idx):
-        return self.validation_step(batch, batch_idx, dataloader_idx=1)
-
-    def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
 
     # ---- optimizer -----------------------------------------------------------------------
     def configure_optimizers(self):

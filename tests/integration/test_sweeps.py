@@ -13,8 +13,11 @@ import pytest
 from omegaconf import OmegaConf
 
 import report
-import train
-from tests.conftest import ROOT, records, run_train
+from lifecycle.build import validate
+from lightning_modules.config import ConfigError
+from tests.helpers import ROOT, records, run_train
+
+pytestmark = pytest.mark.slow
 
 SMALL = [
     "experiment=fixed_lr_small", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none",
@@ -124,11 +127,11 @@ def test_slurm_launcher_composes_with_multi_gpu_multi_node_settings(compose, mon
     assert (resolved["nodes"], resolved["tasks_per_node"], resolved["gpus_per_node"]) == (2, 4, 4)
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.plugins[0].auto_requeue is False
     monkeypatch.setenv("SLURM_NTASKS", "8")  # inside the SLURM job: SLURM started the 8 ranks
-    plan = train.validate(cfg, multirun=True)
+    plan = validate(cfg, multirun=True)
     assert plan.world_size == 8 and plan.per_device == cfg.optimizer.batch_size // 8
     monkeypatch.delenv("SLURM_NTASKS")  # the same job launched locally would re-run the sweep: refused
-    with pytest.raises(train.ConfigError, match="ddp_spawn"):
-        train.validate(cfg, multirun=True)
+    with pytest.raises(ConfigError, match="ddp_spawn"):
+        validate(cfg, multirun=True)
 
 
 def test_report_logs_one_wandb_run_of_job_type_report(tmp_path):

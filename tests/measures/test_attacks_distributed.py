@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from callbacks.adversarial import AttackSpec, robust_accuracy_counts
-from callbacks.common import split_batches
-from tests.distributed import run_in_process_group
-from tests.test_adversarial_functions import data, small_cnn
+from measures.attacks import AttackSpec, robust_accuracy_counts
+from measures.batches import split_batches
+from tests.helpers import attack_data as data
+from tests.helpers import run_in_process_group, small_cnn
 
 SPECS = [
     AttackSpec("fgsm", 0.05),

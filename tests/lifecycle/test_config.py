@@ -1,12 +1,15 @@
-"""Config composition of every group, and one readable error per bad value, before training."""
+"""Config composition of every group, and one readable error per bad value, before training.
+
+The ``slow`` tests run ``train.py`` as a subprocess."""
 
 from __future__ import annotations
 
 import hydra
 import pytest
 
-import train
-from tests.conftest import ROOT, run_train
+from lifecycle.build import build_callbacks, build_model, validate
+from lightning_modules.config import ConfigError
+from tests.helpers import ROOT, run_train
 
 GROUPS = ["data", "model", "optimizer", "trainer", "callbacks", "logger"]
 
@@ -25,10 +28,10 @@ def test_every_option_of_every_group_composes_and_instantiates(compose, group, t
             assert dm.name == option
         elif group == "model":
             data = "cifar10" if option in ("vgg", "resnet18") else "mnist5k"
-            net = train.build_model(compose([f"model={option}", f"data={data}"]))
+            net = build_model(compose([f"model={option}", f"data={data}"]))
             assert sum(p.numel() for p in net.parameters()) > 0
         elif group == "optimizer":
-            assert train.validate(cfg, multirun=False).global_batch == cfg.optimizer.batch_size
+            assert validate(cfg, multirun=False).global_batch == cfg.optimizer.batch_size
         elif group == "trainer":
             assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
             if cfg.trainer.accelerator == "cpu":
@@ -61,31 +64,30 @@ BAD = [
 
 @pytest.mark.parametrize("overrides,named,allowed", BAD, ids=[b[1] for b in BAD])
 def test_bad_value_is_named_with_what_is_allowed(compose, overrides, named, allowed):
-    with pytest.raises(train.ConfigError) as e:
-        train.validate(compose(overrides), multirun=False)
+    with pytest.raises(ConfigError) as e:
+        validate(compose(overrides), multirun=False)
     assert named in str(e.value) and allowed in str(e.value)
 
 
 def test_model_that_does_not_fit_the_data_is_a_config_error(compose):
-    with pytest.raises(train.ConfigError) as e:
-        train.build_model(compose(["model=vgg", "data=mnist5k"]))
+    with pytest.raises(ConfigError) as e:
+        build_model(compose(["model=vgg", "data=mnist5k"]))
     assert "model='vgg' is invalid" in str(e.value) and "(1, 28, 28)" in str(e.value)
 
 
 def test_local_multirun_with_plain_ddp_is_refused(compose):
     cfg = compose(["trainer=ddp_spawn", "trainer.strategy=ddp"])
-    train.validate(cfg, multirun=False)  # a single run with ddp is fine
-    with pytest.raises(train.ConfigError, match="ddp_spawn"):
-        train.validate(cfg, multirun=True)
+    validate(cfg, multirun=False)  # a single run with ddp is fine
+    with pytest.raises(ConfigError, match="ddp_spawn"):
+        validate(cfg, multirun=True)
 
 
 def test_micro_batches_split_the_per_device_batch_evenly(compose):
-    plan = train.validate(
-        compose(["trainer=ddp_spawn", "optimizer.batch_size=96", "max_micro_batch=20"]), False
-    )
+    plan = validate(compose(["trainer=ddp_spawn", "optimizer.batch_size=96", "max_micro_batch=20"]), False)
     assert (plan.per_device, plan.accumulate, plan.micro_batch) == (48, 3, 16)
 
 
+@pytest.mark.slow
 def test_bad_values_exit_nonzero_with_one_message_and_no_traceback(tmp_path):
     for args, expected in [
         (["optimizer.momentum=1.5"], "optimizer.momentum=1.5 is invalid"),
@@ -99,6 +101,7 @@ def test_bad_values_exit_nonzero_with_one_message_and_no_traceback(tmp_path):
         assert "Epoch" not in proc.stderr  # stopped before training
 
 
+@pytest.mark.slow
 def test_help_and_cfg_job_show_groups_and_config(tmp_path):
     import subprocess
     import sys
@@ -116,3 +119,13 @@ def test_help_and_cfg_job_show_groups_and_config(tmp_path):
     job = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=c1", "--cfg", "job"], cwd=ROOT,
                          capture_output=True, text=True)  # fmt: skip
     assert job.returncode == 0 and "_target_: lightning_modules.models.c1" in job.stdout
+
+
+def test_callbacks_refuse_bad_settings_by_name(compose):
+    """Built from the config (the one path a run takes), a callback's bad value is named by its key."""
+    with pytest.raises(ValueError, match="hessian.bn_mode='batch'"):
+        build_callbacks(compose(["callbacks.hessian.bn_mode=batch"]))
+    with pytest.raises(ValueError, match="adversarial.eps"):
+        build_callbacks(compose(["callbacks.adversarial.eps=[0.1,8]"]))
+    with pytest.raises(ValueError, match="adversarial.attacks"):
+        build_callbacks(compose(["callbacks.adversarial.attacks=[cw]"]))

@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import FAST, ROOT, records, run_train
+import pytest
+
+from tests.helpers import FAST, ROOT, records, run_train
+
+pytestmark = pytest.mark.slow
 
 TINY = [*FAST, "model=mlp", "callbacks.hessian.subset_size=300", "callbacks.hessian.k=2",
         "callbacks.adversarial.eps=[0,0.1]", "callbacks.adversarial.pgd_steps=3"]  # fmt: skip

@@ -8,11 +8,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
-from tests.conftest import FAST, ROOT, records, run_train
+from tests.helpers import NO_MEASURE, ROOT, records, run_train
 
-NO_MEASURE = [*FAST, "~callbacks.hessian", "~callbacks.adversarial"]
+pytestmark = pytest.mark.slow
 
 
 def test_embedded_run_end_to_end_then_rerun_is_skipped(tmp_path):

@@ -1,4 +1,4 @@
-"""Attacks and robust-accuracy counts of ``callbacks.adversarial`` on a small BatchNorm CNN.
+"""Attacks and robust-accuracy counts of ``measures.attacks`` on a small BatchNorm CNN.
 
 References are computed here (torchattacks 3.5.1, or the functions' own definitions), never
 hard-coded numbers.
@@ -13,16 +13,18 @@ import torch
 import torchattacks  # noqa: E402
 from torch import nn
 
-from callbacks.adversarial import (
+from measures.attacks import (
     AttackSpec,
     adversarial_examples,
     fgsm,
-    gradient_masking_warnings,
     per_sample_unit_start,
     pgd,
     robust_accuracy_counts,
 )
-from callbacks.common import split_batches
+from measures.batches import split_batches
+from measures.checks import gradient_masking_warnings
+from tests.helpers import attack_data as data
+from tests.helpers import small_cnn
 
 EPS_LINF = 0.1
 
@@ -37,33 +39,6 @@ def one_thread():
 
 
 EPS_L2 = 0.8
-
-
-def small_cnn(seed: int = 0, dtype=torch.float32) -> nn.Module:
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(4 * 6 * 6, 10),
-    ).to(dtype)
-    # Non-trivial BatchNorm running statistics and affine parameters.
-    with torch.no_grad():
-        bn = model[1]
-        bn.running_mean.uniform_(-0.2, 0.2)
-        bn.running_var.uniform_(0.5, 1.5)
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.1, 0.1)
-    return model.eval()
-
-
-def data(n: int = 48, seed: int = 1, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, 12, 12, generator=g, dtype=dtype)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return x, y
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Adversarial attacks (FGSM, PGD L∞/L2) and robust-accuracy counting, in plain torch.
 
-No Lightning import: the attack callback and adversarial training import from here.
+Pure torch (no Lightning): the attack callback and adversarial training import from here; the
+sanity checks on the resulting counts are in :mod:`measures.checks`.
 
 Conventions
 -----------
@@ -39,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from callbacks.common import all_reduce_sum, gradients_enabled, preserved_module_state
+from measures.distributed import ProcessGroup, all_reduce_sum
+from measures.module_state import gradients_enabled, preserved_module_state
 
 NORMS = ("linf", "l2")
 ATTACKS = ("fgsm", "pgd")
@@ -362,14 +364,15 @@ def robust_accuracy_counts(
     *,
     seed: int = 0,
     early_exit: bool = True,
+    process_group: ProcessGroup = None,
 ) -> dict[str, tuple[int, int]]:
     """Correct/total counts at clean and under every attack, over all ``batches`` in one pass.
 
     ``batches`` yields ``(x, y, idx)``, ``idx`` the samples' indices in the evaluation set:
     each sample's random start is a function of ``(seed, idx)`` only, so the counts do not
-    depend on batching or on the split across ranks. Under an initialized process group the
-    counts are summed over ranks (one ``all_reduce_sum``, run by every rank even with no
-    batches), and every rank returns the same numbers. Returns ``{"clean": (correct, total),
+    depend on batching or on the split across ranks. The counts are summed over the ranks of
+    ``process_group`` (see :mod:`measures.distributed`; one all-reduce, run by every rank even
+    with no batches), and every rank returns the same numbers. Returns ``{"clean": (correct, total),
     spec.key: (correct, total), ...}``. An attack with eps = 0 is reported as clean.
 
     ``early_exit=True``: a sample counts as robust only if it is correct at clean and at
@@ -424,55 +427,6 @@ def robust_accuracy_counts(
                 else:
                     adv = _pgd_from(model, xs, ys, start, spec.eps, spec.alpha, spec.steps, spec.norm)
                     counts[i, 0] += (_predict(model, adv) == ys).sum()
-        all_reduce_sum(counts)
+        all_reduce_sum(counts, process_group)
     values = counts.cpu().tolist()
     return {key: (c, n) for key, (c, n) in zip(["clean", *keys], values, strict=True)}
-
-
-# --------------------------------------------------------------------------- sanity checks
-
-
-def gradient_masking_warnings(
-    counts: dict[str, tuple[int, int]], attacks: Sequence[AttackSpec], *, tolerance: float = 0.0
-) -> list[str]:
-    """Signs of gradient masking or a broken evaluation (Carlini et al. 2019 checklist).
-
-    Flags, in accuracy units beyond ``tolerance``: robust accuracy that rises with eps within
-    one attack family (same name, norm, steps, step rule, random start); PGD more accurate
-    than FGSM at the same L∞ eps; an eps = 0 attack that differs from clean accuracy.
-    Returns readable messages (empty when nothing is suspicious).
-    """
-
-    def acc(key: str) -> float:
-        c, n = counts[key]
-        return c / n if n else float("nan")
-
-    warnings: list[str] = []
-    clean = acc("clean")
-    families: dict[tuple, list[AttackSpec]] = {}
-    for spec in attacks:
-        if spec.eps == 0 and abs(acc(spec.key) - clean) > tolerance:
-            warnings.append(
-                f"{spec.key}: accuracy {acc(spec.key):.4f} at eps=0 differs from clean {clean:.4f}"
-            )
-        rule = "auto" if spec.step_size is None else "fixed"
-        family = (spec.name, spec.norm, spec.steps, rule, spec.random_start, spec.tag)
-        families.setdefault(family, []).append(spec)
-    for specs in families.values():
-        specs = sorted(specs, key=lambda s: s.eps)
-        for lo, hi in zip(specs, specs[1:], strict=False):
-            if acc(hi.key) > acc(lo.key) + tolerance:
-                warnings.append(
-                    f"{hi.key}: accuracy {acc(hi.key):.4f} is higher than at smaller eps "
-                    f"({lo.key}: {acc(lo.key):.4f}); robust accuracy should not rise with eps"
-                )
-    fgsm_by_eps = {s.eps: s for s in attacks if s.name == "fgsm"}
-    for spec in attacks:
-        f = fgsm_by_eps.get(spec.eps)
-        if spec.name == "pgd" and spec.norm == "linf" and f is not None:
-            if acc(spec.key) > acc(f.key) + tolerance:
-                warnings.append(
-                    f"{spec.key}: PGD accuracy {acc(spec.key):.4f} is higher than FGSM's "
-                    f"{acc(f.key):.4f} at the same eps; PGD should be at least as strong"
-                )
-    return warnings

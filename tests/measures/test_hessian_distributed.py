@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from callbacks.hessian import hessian_density, hessian_eigenvalues, hessian_trace
-from tests.distributed import run_in_process_group
+from measures.hessian import hessian_density, hessian_eigenvalues, hessian_trace
+from tests.helpers import run_in_process_group
 
 N = 15
 

@@ -1,0 +1,13 @@
+"""The job lifecycle, between the Hydra entry point and the training code.
+
+- :mod:`lifecycle.build`: one validation path and the batch plan; builds model, data,
+  LightningModule and callbacks before anything is trained;
+- :mod:`lifecycle.rundir`: run identity on disk (a job's directory from its overrides);
+- :mod:`lifecycle.record`: the result record ``results.json``, its schema and provenance;
+- :mod:`lifecycle.loggers`: CSV / W&B loggers and the record logger;
+- :mod:`lifecycle.summary`: the console summary;
+- :mod:`lifecycle.job`: one job from start to record (fresh, resume, skip).
+
+``train.py`` calls :func:`lifecycle.job.run_job`; ``measure.py`` and ``report.py`` use the record
+and the builders from here, never ``train``.
+"""

@@ -1,0 +1,16 @@
+"""The measurement library: pure torch, no Lightning, Hydra or W&B.
+
+- :mod:`measures.linalg`: Lanczos, power iteration, Hutchinson trace and spectral density on any
+  symmetric linear operator (:class:`~measures.linalg.LinearOperator`);
+- :mod:`measures.hessian`: the exact Hessian of a model's loss as such an operator, and the
+  one-call :func:`~measures.hessian.hessian_eigenvalues`, :func:`~measures.hessian.hessian_trace`,
+  :func:`~measures.hessian.hessian_density`;
+- :mod:`measures.attacks`: FGSM, PGD (L∞, L2), adversarial examples for training, and exact
+  robust-accuracy counts (:func:`~measures.attacks.robust_accuracy_counts`);
+- :mod:`measures.checks`: gradient-masking checks on those counts;
+- :mod:`measures.distributed`, :mod:`measures.batches`, :mod:`measures.module_state`: the process
+  group as an argument, the fixed samples a measurement runs on, and leaving a model as found.
+
+Every function works on a plain ``nn.Module`` and tensors; collectives run only over the process
+group a caller passes (by default the initialized default group, if any).
+"""

@@ -1,0 +1,82 @@
+"""The measurement callbacks on a model: exact values, any grad mode, state restored."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from callbacks.adversarial_accuracy import AdversarialAccuracy
+from callbacks.hessian_spectrum import HessianSpectrum
+from lightning_modules.config import ConfigError
+from lightning_modules.data import DATASETS
+from measures.attacks import robust_accuracy_counts
+from tests.helpers import exact_hessian
+
+
+def tiny_bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
+    ).double()
+    with torch.no_grad():  # non-trivial running statistics
+        net[1].running_mean.uniform_(-0.2, 0.2)
+        net[1].running_var.uniform_(0.5, 1.5)
+    return net
+
+
+@pytest.mark.parametrize("grad_mode", ["enabled", "no_grad", "inference_mode"])
+def test_hessian_callback_measures_exact_spectrum_in_any_grad_mode(grad_mode):
+    net = tiny_bn_net().train()  # the callback switches to eval for the measurement and back
+    buffers = [b.clone() for b in net.buffers()]
+    cb = HessianSpectrum(k=3, smallest=True, batch_size=7, tol=1e-8)
+    ctx = {"enabled": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[
+        grad_mode
+    ]
+    with ctx():
+        x, y = torch.rand(17, 1, 6, 6, dtype=torch.float64), torch.arange(17) % 3
+        metrics = cb.measure(net, nn.functional.cross_entropy, x, y)
+    assert net.training and all(m.training for m in net.modules())
+    assert all(torch.equal(a, b) for a, b in zip(buffers, net.buffers(), strict=True))
+    assert all(p.grad is None for p in net.parameters())
+    exact = torch.linalg.eigvalsh(
+        exact_hessian(net.eval(), nn.functional.cross_entropy, x.clone(), y.clone())
+    )
+    top = exact.flip(0)[:3]
+    for i in range(3):
+        assert abs(metrics[f"hessian/lambda_{i + 1}"] - top[i]) <= 1e-6 * abs(top[0])
+    assert abs(metrics["hessian/lambda_min"] - exact[0]) <= 1e-6 * abs(top[0])
+    assert metrics["hessian/n_hvp"] > 0 and metrics["hessian/converged"] == 1.0
+
+
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
+def test_adversarial_callback_counts_match_the_function_in_any_grad_mode(grad_mode):
+    net = tiny_bn_net().float().train()
+    cb = AdversarialAccuracy(eps=[0.0, 0.05, 0.2], batch_size=8, pgd_steps=3)
+    cb.specs = cb.build_specs(DATASETS["mnist5k"].default_eps)
+    x, y, idx = torch.rand(20, 1, 6, 6), torch.arange(20) % 3, torch.arange(20) + 100
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[grad_mode]
+    with ctx():
+        metrics = cb.measure(net, x.clone(), y, idx)
+    assert net.training
+    ref = robust_accuracy_counts(net.eval(), [(x, y, idx)], cb.specs, seed=0)
+    assert metrics["adv/clean"] == ref["clean"][0] / 20
+    for spec in cb.specs:
+        assert metrics[cb.metric_name(spec)] == ref[spec.key][0] / 20
+    assert metrics["adv/fgsm_linf/eps0"] == metrics["adv/clean"]
+
+
+def test_callbacks_refuse_bad_settings_with_the_key_and_what_is_allowed():
+    with pytest.raises(ConfigError, match="bn_mode='batch' is invalid: allowed: eval, train"):
+        HessianSpectrum(bn_mode="batch")
+    with pytest.raises(ConfigError, match="every_n_epochs=0 is invalid"):
+        AdversarialAccuracy(every_n_epochs=0)
+
+
+def test_two_instances_of_one_measurement_have_their_own_checkpoint_slot_and_names():
+    a, b = HessianSpectrum(), HessianSpectrum(prefix="hessian_train_bn", bn_mode="train")
+    assert a.state_key != b.state_key
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).double()
+    x, y = torch.rand(6, 1, 2, 2, dtype=torch.float64), torch.arange(6) % 3
+    metrics = b.measure(net, nn.functional.cross_entropy, x, y)
+    assert "hessian_train_bn/lambda_1" in metrics and not any(k.startswith("hessian/") for k in metrics)

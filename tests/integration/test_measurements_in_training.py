@@ -1,0 +1,38 @@
+"""The measurement callbacks inside real training runs: 1 vs 2 processes (``ddp_spawn``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import FAST, records, run_train
+
+pytestmark = pytest.mark.slow
+
+
+def test_trainer_logs_identical_measurements_on_one_and_two_processes(tmp_path):
+    """ddp_spawn with 2 CPU processes vs 1: same logged hessian/... and adv/... values.
+
+    float64 training keeps the two runs' weights equal to ~1e-15 (the only difference is
+    the order of the gradient sum), so the measurements must agree to 1e-6 relative and the
+    attack counts exactly. The subset sizes are odd, so the ranks hold unequal shards."""
+    args = [*FAST, "model=mlp", "trainer.max_epochs=1", "trainer.precision=64-true", "optimizer.batch_size=256",
+            "callbacks.hessian.subset_size=301", "callbacks.hessian.batch_size=100", "callbacks.hessian.trace=true",
+            "callbacks.adversarial.subset_size=151", "callbacks.adversarial.batch_size=64",
+            "callbacks.adversarial.eps=[0,0.05,0.1]"]  # fmt: skip
+    run_train(args, tmp_path / "one")
+    run_train([*args, "trainer=ddp_spawn", "trainer.devices=2"], tmp_path / "two")
+    (one,) = records(tmp_path / "one").values()
+    (two,) = records(tmp_path / "two").values()
+    assert two["batch_plan"]["world_size"] == 2
+    for k in ("train/loss", "train/acc", "test/acc", "train_eval/loss"):  # training itself matched
+        assert abs(one["last"][k] - two["last"][k]) <= 1e-6 * abs(one["last"][k]), k
+    hess = [k for k in one["last"] if k.startswith("hessian/lambda") or k == "hessian/trace"]
+    adv = [k for k in one["last"] if k.startswith("adv/") and k != "adv/seconds"]
+    assert len(hess) == 5 and len(adv) == 8
+    for k in hess:
+        assert abs(one["last"][k] - two["last"][k]) <= 1e-6 * abs(one["last"]["hessian/lambda_1"]), k
+    for k in adv:
+        assert one["last"][k] == two["last"][k], k
+    assert one["last"]["adv/n_samples"] == 151
+    # measured at every epoch end: present in the per-epoch history, not only at the end
+    assert any("hessian/lambda_1" in row and row.get("epoch") == 0 for row in two["history"])
