@@ -9,8 +9,9 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from callbacks.epoch_measurement import EpochEndMeasurement, log_after_training
+from callbacks.epoch_measurement import EpochEndMeasurement, stopping_after_this_epoch
 from lightning_modules.config import ATTACKS, NORMS, check
+from lightning_modules.module import log_rank_identical
 from measures.attacks import AttackSpec, robust_accuracy_counts
 from measures.batches import load_rank_subset, split_batches
 from measures.checks import gradient_masking_warnings
@@ -179,11 +180,12 @@ class AdversarialAccuracy(EpochEndMeasurement):
             pl_module, x.to(param.device, param.dtype), y.to(param.device), idx.to(param.device)
         )
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not (self.at_end and self.full_test_at_end):
-            return super().on_train_end(trainer, pl_module)
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if not (self.at_end and self.full_test_at_end and stopping_after_this_epoch(trainer)):
+            return
         dataset = self.measurement_dataset(trainer, "test")
         data = load_rank_subset(dataset, None, self.subset_seed, trainer.global_rank, trainer.world_size)
         if metrics := self._run(trainer, pl_module, data):
             full = f"{self.prefix}_full/"
-            log_after_training(trainer, {full + k.split("/", 1)[1]: v for k, v in metrics.items()})
+            log_rank_identical(pl_module, {full + k.split("/", 1)[1]: v for k, v in metrics.items()})

@@ -9,6 +9,15 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_modules.config import ConfigError, check
+from lightning_modules.module import log_rank_identical
+
+
+def stopping_after_this_epoch(trainer: pl.Trainer) -> bool:
+    """Whether the epoch that is ending is the last one: the epoch cap, the step budget, or a stop
+    decision (a target reached, divergence) already taken."""
+    last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+    out_of_steps = 0 < trainer.max_steps <= trainer.global_step
+    return bool(trainer.should_stop or last_epoch or out_of_steps)
 
 
 def log_after_training(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
@@ -28,11 +37,13 @@ class EpochEndMeasurement(pl.Callback):
     """Base of the measurement callbacks: when they measure, and what they guard and checkpoint.
 
     A subclass implements ``measure_module(trainer, pl_module) -> {name: value}`` (names under
-    ``f"{self.prefix}/"``). This base calls it every ``every_n_epochs`` epochs at the end of the
-    training epoch (after validation) and logs the values without a sync, so they must be the
-    same on every rank; and once more when training ends (``at_end``) if the last measurement is
-    older than the last step, written through the loggers since Lightning forbids ``self.log``
-    there. A diverged model (non-finite weights, the same on every rank) is not measured.
+    ``f"{self.prefix}/"``). This base calls it at the end of every ``every_n_epochs``-th training
+    epoch (after validation) and, with ``at_end``, at the end of the last epoch whatever its
+    number (:func:`stopping_after_this_epoch`), and logs the values without a sync, so they must be
+    the same on every rank. The last epoch's measurement is taken before that epoch's checkpoint
+    is written (Lightning runs checkpoint callbacks last), so a run interrupted during it resumes
+    from the previous checkpoint and measures again: a final value is never older than the final
+    weights. A diverged model (non-finite weights, the same on every rank) is not measured.
 
     Args:
         every_n_epochs: measure at the end of every n-th epoch.
@@ -91,12 +102,14 @@ class EpochEndMeasurement(pl.Callback):
         return self.measure_module(trainer, pl_module, *args)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs == 0 and (
+        due = (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        if (due or (self.at_end and stopping_after_this_epoch(trainer))) and (
             metrics := self._run(trainer, pl_module)
         ):
-            pl_module.log_dict(metrics, sync_dist=False)  # the same on every rank
+            log_rank_identical(pl_module, metrics)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a fallback: training that stopped without passing an epoch end (nothing in this project)
         if (
             self.at_end
             and self._last_step != trainer.global_step

@@ -6,6 +6,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
+from callbacks.epoch_measurement import stopping_after_this_epoch
 from lightning_modules.config import check
 
 
@@ -27,10 +28,12 @@ class TrainingTarget(pl.Callback):
     Runs are compared at convergence, not after a fixed epoch count (a large batch takes few
     steps per epoch). The target is checked on ``{metric_prefix}/loss`` and ``/acc`` (by default
     ``train_eval``: the fixed, un-augmented training subset measured in eval mode at every
-    validation), so it is the same number on any device count. When training ends, the reason
-    (``target_train_loss``, ``target_train_acc``, ``diverged`` (non-finite training loss, checked
-    every step when ``check_finite``), ``max_steps``, ``max_epochs`` or ``interrupted``) and the
-    step and epoch are handed to the loggers that take them (:func:`annotate_run`).
+    validation), so it is the same number on any device count. At the end of the last epoch,
+    before its checkpoint is written, the reason (``target_train_loss``, ``target_train_acc``,
+    ``diverged`` (non-finite training loss, checked every step when ``check_finite``),
+    ``max_steps`` or ``max_epochs``), the step and the number of full epochs done are handed to the
+    loggers that take them (:func:`annotate_run`); they are also checkpointed, so a run resumed
+    after its training ended hands them over again.
 
     Args:
         target_train_loss: stop once the train loss is at most this (null: no target).
@@ -61,6 +64,7 @@ class TrainingTarget(pl.Callback):
         self.target_loss, self.target_acc = target_train_loss, target_train_acc
         self.prefix, self.check_finite = metric_prefix, check_finite
         self.reason: str | None = None
+        self.stopped: dict | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.check_finite:
@@ -89,24 +93,30 @@ class TrainingTarget(pl.Callback):
             trainer.should_stop = True
             rank_zero_info(f"[TrainingTarget] {reason} reached at epoch {trainer.current_epoch}: stopping.")
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def _stop(self, trainer) -> dict:
         reason = self.reason
         if reason is None:
-            if 0 < trainer.max_steps <= trainer.global_step:
-                reason = "max_steps"
-            elif trainer.max_epochs is not None and trainer.current_epoch >= trainer.max_epochs:
-                reason = "max_epochs"
-            else:
-                reason = "interrupted"
-        annotate_run(
-            trainer,
-            stop_reason=reason,
-            stopped_at_step=trainer.global_step,
-            stopped_at_epoch=trainer.current_epoch,
-        )
+            reason = "max_steps" if 0 < trainer.max_steps <= trainer.global_step else "max_epochs"
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        whole_epoch = batches >= trainer.num_training_batches
+        return {
+            "stop_reason": reason,
+            "stopped_at_step": trainer.global_step,
+            "stopped_at_epoch": trainer.current_epoch + int(whole_epoch),
+        }
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if stopping_after_this_epoch(trainer):
+            self.stopped = self._stop(trainer)
+            annotate_run(trainer, **self.stopped)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.stopped:  # restored from a checkpoint written after training ended
+            annotate_run(trainer, **self.stopped)
 
     def state_dict(self) -> dict:
-        return {"reason": self.reason}
+        return {"reason": self.reason, "stopped": self.stopped}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.reason = state_dict.get("reason")
+        self.stopped = state_dict.get("stopped")

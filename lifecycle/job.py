@@ -1,17 +1,36 @@
-"""One job's lifecycle: check and build, then train fresh, resume, or skip a finished job.
+"""One job's lifecycle: check and build, then train fresh, resume, or report a finished job.
 
-The record (``results.json``, :mod:`lifecycle.record`) says ``running`` once everything is
-built and checked, and ``completed`` or ``diverged`` at the end; a bad config value is recorded
-as ``failed`` with its message and exits with status 2 (in a multirun: the other jobs go on and
-the sweep exits with status 1).
+Every way a job ends is recorded in ``results.json`` (:mod:`lifecycle.record`):
+
+==============  ==========================================================  ===========
+status          when                                                        exit status
+==============  ==========================================================  ===========
+``running``     training (or a process that died without a word: SIGKILL)  --
+``completed``   training stopped by its target, epoch cap or step budget    0
+``diverged``    the training loss became non-finite                         0
+``failed``      a bad config value (before training; nothing trained)       2
+``failed``      an exception during the job (type, message, traceback)      1
+``interrupted`` SIGINT (Ctrl-C) or SIGTERM (schedulers' preemption)         130 / 143
+==============  ==========================================================  ===========
+
+A re-run of the same command resumes a job that is not finished from ``checkpoints/last.ckpt``
+(one run: the history keeps each epoch once, the wall time adds up) and refuses to report or
+resume a job whose training config, measurement settings or code changed
+(:mod:`lifecycle.identity`). Only one process runs a job at a time: a lock file in the run
+directory is held while the job runs and released by the kernel when its process dies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import os
 import shutil
+import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import hydra
@@ -21,9 +40,19 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
+from callbacks.fault_injection import FaultInjection
 from lifecycle.build import build_job
+from lifecycle.identity import changes, identity
 from lifecycle.loggers import build_loggers, finish_wandb
-from lifecycle.record import FINISHED, RECORD, provenance, read_record, update_record
+from lifecycle.record import (
+    FINISHED,
+    RECORD,
+    RecordError,
+    provenance,
+    read_record,
+    truncate_history,
+    update_record,
+)
 from lifecycle.summary import summarize
 from lightning_modules.config import ConfigError
 from lightning_modules.data import DataUnavailable
@@ -31,6 +60,22 @@ from lightning_modules.models import has_batchnorm
 
 failed_jobs: list[str] = []
 """Run directories of the jobs of this process that failed (a multirun goes on; the exit code says so)."""
+
+LOCK = "job.lock"
+EXIT_FAILED, EXIT_REFUSED = 1, 2
+SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
+
+
+class JobRefused(Exception):
+    """The job cannot start: a bad value, a changed identity, a lock held, an unreadable file."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM ended the job; ``signal_name`` says which."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(f"{signal_name} received")
+        self.signal_name = signal_name
 
 
 def _overrides() -> list[str]:
@@ -40,82 +85,307 @@ def _overrides() -> list[str]:
         return []
 
 
+@contextlib.contextmanager
+def job_lock(out_dir: Path):
+    """Hold ``out_dir/job.lock`` for the job (``flock``: released by the kernel if the process dies)."""
+    path = out_dir / LOCK
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise JobRefused(
+                f"{out_dir} is being run by {holder}: two launches of one job at the same time would "
+                "write into one directory. Wait for it to end, or stop it; a job whose process died "
+                "(even by SIGKILL) holds no lock and is resumed by the next run of the same command."
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def signals_recorded(received: dict):
+    """Note SIGTERM/SIGINT in ``received``; outside Lightning turn them into :class:`Interrupted`.
+
+    Inside ``fit``/``validate`` Lightning handles both (it stops after the current batch; its
+    SIGTERM handler calls this one too, which then only takes note), so ``received["in_trainer"]``
+    is set around those calls.
+    """
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        received.setdefault("signal", name)
+        if not received.get("in_trainer"):
+            raise Interrupted(name)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt  # what Lightning expects from Ctrl-C
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _checkpoint_step(path: Path) -> int:
+    """The optimizer step a checkpoint was written at; an unreadable file is refused with a way out."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception as e:
+        raise JobRefused(
+            f"{path} cannot be read ({type(e).__name__}: {e}). It is the point this job resumes from; "
+            "fresh=true trains the job again from the start (its record is replaced)."
+        ) from None
+
+
+def _check_identity(previous: dict, now: dict, cfg: DictConfig, out_dir: Path) -> dict | None:
+    """Refuse a re-run whose result would not belong to the recorded one; returns an accepted code change."""
+    before = previous.get("identity")
+    if not before:
+        return None
+    finished = previous.get("status") in FINISHED
+    trained = changes(before.get("training", {}), now["training"])
+    if trained:
+        raise JobRefused(
+            f"{out_dir} holds a {'finished' if finished else 'started'} run of a different training config:\n    "
+            + "\n    ".join(trained)
+            + "\nfresh=true trains this job again in place (the old result is deleted); to keep both, give the "
+            "new one its own directory with an extra override, e.g. +variant=new."
+        )
+    measured = changes(before.get("measurement", {}), now["measurement"])
+    if measured:
+        hint = (
+            f"re-measure its checkpoint instead of retraining: python measure.py {out_dir} (see --help)"
+            if finished
+            else "resume it with the settings it started with, or fresh=true to start over with the new ones"
+        )
+        raise JobRefused(
+            f"{out_dir} holds a run measured with other settings:\n    "
+            + "\n    ".join(measured)
+            + f"\n{hint}."
+        )
+    if before.get("code") != now["code"]:
+        if not cfg.get("accept_code_change"):
+            raise JobRefused(
+                f"{out_dir} holds a run made by other code (code hash {before.get('code')}, now {now['code']}: "
+                "measures/, lightning_modules/, callbacks/, lifecycle/ or train.py changed). Its result may not "
+                "be what this code computes. fresh=true trains it again; accept_code_change=true "
+                + ("reports it as it is" if finished else "resumes it with this code")
+                + " and records that you accepted the change."
+            )
+        return {"from": before.get("code"), "to": now["code"], "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return None
+
+
+def _end_segment(record_path: Path, start: float, **fields) -> dict:
+    """Close this process's segment of the run: its wall time, and the run's total over all segments."""
+    record = read_record(record_path)
+    segments = record.get("segments", [])
+    if segments:
+        segments[-1]["wall_time_s"] = time.time() - start
+        segments[-1]["ended"] = fields.get("status")
+    total = sum(s.get("wall_time_s", 0.0) for s in segments)
+    return update_record(record_path, segments=segments, wall_time_s=total, **fields)
+
+
+def _jobs_not_run() -> list[str]:
+    """In a sequential multirun, the override sets of the jobs after this one, in Hydra's order."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    hc = HydraConfig.get()
+    if not str(hc.launcher.get("_target_", "")).endswith("BasicLauncher"):
+        return []  # parallel launchers start jobs in their own order
+    args = [a for a in sys.argv[1:] if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
+    params = [f"{k}={v}" for k, v in (hc.sweeper.get("params") or {}).items()]
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params + args), None)
+    jobs = [",".join(job) for batch in batches for job in batch]
+    return jobs[hc.job.num + 1 :]
+
+
+def _exit(code: int, multirun: bool, out_dir: Path) -> None:
+    if multirun:
+        failed_jobs.append(str(out_dir))
+        return
+    sys.exit(code)
+
+
 def run_job(cfg: DictConfig, out_dir: Path, multirun: bool = False) -> float | None:
-    """Run (or resume, or skip) one job; returns the final validation accuracy."""
-    start = time.time()
+    """Run (or resume, or report) one job; returns the final validation accuracy."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    record_path = out_dir / RECORD
     rank_zero = getattr(rank_zero_only, "rank", 0) == 0
+    lock = job_lock(out_dir) if rank_zero else contextlib.nullcontext()
+    try:
+        with lock:
+            return _run_locked(cfg, out_dir, multirun, rank_zero)
+    except JobRefused as e:
+        print(f"error: {e}", file=sys.stderr)
+        _exit(EXIT_REFUSED, multirun, out_dir)
+        return None
+
+
+def _run_locked(cfg: DictConfig, out_dir: Path, multirun: bool, rank_zero: bool) -> float | None:
+    start = time.time()
+    record_path = out_dir / RECORD
+    try:
+        previous = read_record(record_path)
+    except RecordError as e:
+        raise JobRefused(str(e)) from None
     try:
         job = build_job(cfg, multirun)
         if rank_zero:
             job.datamodule.prepare_data()  # offline and no files: one clear error, before any training
     except (ConfigError, DataUnavailable) as e:
-        if rank_zero:
+        if rank_zero and previous.get("status") not in FINISHED:
             update_record(record_path, status="failed", error=str(e), overrides=_overrides())
-        print(f"error: {e}", file=sys.stderr)
-        if multirun:
-            failed_jobs.append(str(out_dir))
-            return None
-        sys.exit(2)
+        raise JobRefused(str(e)) from None
 
     if cfg.fresh and rank_zero:
         for p in ("checkpoints", "csv", "wandb", RECORD, "wandb_id.txt"):
             target = out_dir / p
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    previous = read_record(record_path)
-    if previous.get("status") in FINISHED and not cfg.fresh:
+        previous = {}
+    now = identity(cfg)
+    accepted = _check_identity(previous, now, cfg, out_dir)
+    if previous.get("status") in FINISHED:
+        if accepted and rank_zero:
+            update_record(
+                record_path, accepted_code_changes=[*previous.get("accepted_code_changes", []), accepted]
+            )
         print(f"[train] this job already finished ({previous['status']}); fresh=true trains it again.")
-        print(summarize(previous, out_dir))
+        print(summarize(read_record(record_path), out_dir))
         return previous.get("final", {}).get("val/acc")
+
     last_ckpt = out_dir / "checkpoints" / "last.ckpt"
-    resume = last_ckpt if last_ckpt.exists() and not cfg.fresh else None
+    resume = last_ckpt if last_ckpt.exists() else None
+    resume_step = _checkpoint_step(resume) if resume else -1
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     plan = job.plan
+    loggers = build_loggers(cfg, out_dir, keep_until_step=resume_step)
+    callbacks = list(job.callbacks)
+    if os.environ.get("SGD_FAULT"):
+        callbacks.insert(0, FaultInjection.from_env(os.environ["SGD_FAULT"]))
+    try:
+        trainer: pl.Trainer = hydra.utils.instantiate(
+            cfg.trainer,
+            callbacks=callbacks,
+            logger=loggers,
+            accumulate_grad_batches=plan.accumulate,
+            use_distributed_sampler=False,
+            default_root_dir=str(out_dir),
+        )
+    except Exception as e:  # a trainer argument Lightning refuses
+        raise JobRefused(f"trainer: {type(e).__name__}: {e}") from None
     if rank_zero:
+        truncate_history(record_path, resume_step)  # rows logged after the checkpoint are logged again
+        record = read_record(record_path)
         update_record(
             record_path,
             status="running",
             overrides=_overrides(),
             config=OmegaConf.to_container(cfg, resolve=True),
+            identity=now,
             batch_plan=dataclasses.asdict(plan),
             provenance=provenance(),
             resumed_from=str(resume) if resume else None,
-            started_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            accepted_code_changes=record.get("accepted_code_changes", []) + ([accepted] if accepted else []),
+            segments=[
+                *({**s, "ended": s.get("ended", "killed")} for s in record.get("segments", [])),
+                {
+                    "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "started_unix": start,
+                    "from_step": max(resume_step, 0),
+                    "wall_time_s": 0.0,
+                },
+            ],
             error=None,
+            stop_reason=None,
+            stopped_at_step=None,
+            stopped_at_epoch=None,
         )
         if resume:
-            print(f"[train] resuming from {resume}")
-
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer,
-        callbacks=job.callbacks,
-        logger=build_loggers(cfg, out_dir),
-        accumulate_grad_batches=plan.accumulate,
-        use_distributed_sampler=False,
-        default_root_dir=str(out_dir),
-    )
+            print(f"[train] resuming from {resume} (step {resume_step})")
     if plan.world_size > 1 and not cfg.trainer.sync_batchnorm and has_batchnorm(job.module.net) and rank_zero:
         print(
             f"[train] note: BatchNorm uses per-device statistics over {plan.micro_batch} samples "
             f"(no SyncBatchNorm on this run); the global batch is {plan.global_batch}."
         )
+
+    received: dict = {}
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     try:
-        trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=str(resume) if resume else None)
-        trainer.validate(job.module, datamodule=job.datamodule, verbose=False)  # final metrics, all eval sets
+        with signals_recorded(received):
+            received["in_trainer"] = True
+            trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=str(resume) if resume else None)
+            if received.get("signal"):  # arrived where Lightning only takes note (e.g. on_train_end)
+                raise Interrupted(received["signal"])
+            # the final evaluation of every eval set; not a per-epoch row, so it is not sent to the loggers
+            trainer.loggers = []
+            trainer.validate(job.module, datamodule=job.datamodule, verbose=False)
+            received["in_trainer"] = False
+            if received.get("signal"):
+                raise Interrupted(received["signal"])
+    except (Interrupted, KeyboardInterrupt, SystemExit) as e:
+        # a signal (Lightning turns SIGTERM into a SystemExit and Ctrl-C into sys.exit(1)), or an exit
+        # requested by someone else (submitit's requeue on a time limit exits from its USR2 handler)
+        name = getattr(e, "signal_name", None) or received.get("signal")
+        if name is None and (
+            isinstance(e, KeyboardInterrupt) or isinstance(e.__context__, KeyboardInterrupt)
+        ):
+            name = "SIGINT"
+        why = f"{name} received" if name else f"exit requested (SystemExit {getattr(e, 'code', None)!r})"
+        if rank_zero:
+            _end_segment(
+                record_path, start, status="interrupted", error=f"{why} at step {trainer.global_step}"
+            )
+        if name is None:
+            raise  # not ours to turn into an exit status: e.g. submitit requeues the job on this exit
+        print(
+            f"[train] {why}: interrupted at step {trainer.global_step}. Run the same command to resume "
+            f"from {last_ckpt if last_ckpt.exists() else 'the start'}.",
+            file=sys.stderr,
+        )
+        if multirun and rank_zero:
+            try:
+                left = _jobs_not_run()
+            except Exception as err:  # never hide the interruption behind a second error
+                left = [f"(unknown: {err})"]
+            print(
+                f"[train] {len(left)} job(s) of this sweep did not run: " + "; ".join(left), file=sys.stderr
+            )
+        raise SystemExit(SIGNAL_EXIT.get(name, 1)) from None
+    except Exception as e:
+        if rank_zero:
+            tail = traceback.format_exception(e)[-6:]
+            _end_segment(
+                record_path, start, status="failed", error=f"{type(e).__name__}: {e}", traceback="".join(tail)
+            )
+        traceback.print_exc()
+        print(f"[train] failed: {type(e).__name__}: {e} (recorded in {record_path})", file=sys.stderr)
+        _exit(EXIT_FAILED, multirun, out_dir)
+        return None
     finally:
         finish_wandb()
     if not rank_zero:
         return None
     record = read_record(record_path)
-    # the latest value of everything logged (measurements too), then the final evaluation
-    final = {
-        **record.get("last", {}),
-        **{k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
-    }
+    evaluated = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    # the latest value of everything logged per epoch (measurements too), then the final evaluation
+    final = {**record.get("last", {}), **evaluated}
+    # the history step each final measurement was logged at (the final evaluation has no row)
+    steps = {k: v for k, v in record.get("last_step", {}).items() if k in final and k not in evaluated}
     status = "diverged" if record.get("stop_reason") == "diverged" else "completed"
-    record = update_record(record_path, status=status, final=final, wall_time_s=time.time() - start)
+    record = _end_segment(record_path, start, status=status, final=final, final_step=steps)
     print(summarize(record, out_dir))
     return final.get("val/acc")

@@ -1,12 +1,15 @@
 """The loggers of a job: the configured ones (CSV, W&B) plus the run record.
 
-W&B never hangs a job: without credentials (and with ``WANDB_MODE`` unset) it runs offline and
+The CSV log of a resumed run is one log: it keeps the rows written up to the checkpoint the run
+resumes from and appends the rest (Lightning's ``CSVLogger`` deletes the file when a run resumes
+into the same folder). W&B never hangs a job: without credentials (and with ``WANDB_MODE`` unset) it runs offline and
 says how to upload later; its run id is kept in the run directory, so a resumed job continues
 the same W&B run; each job's run is finished before the next job of a multirun starts.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import netrc
 import os
@@ -16,7 +19,10 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import CSVLogger as _LightningCSVLogger
 from pytorch_lightning.loggers import WandbLogger as _LightningWandbLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
 from lifecycle.record import RECORD, RunRecord, is_per_step
@@ -63,13 +69,64 @@ class WandbLogger(_LightningWandbLogger):
         super().log_metrics(metrics, step)
 
 
-def build_loggers(cfg: DictConfig, out_dir: Path) -> list:
-    """The configured loggers plus the run record (``results.json``)."""
+class _ResumingWriter(ExperimentWriter):
+    """Lightning's CSV writer, but an existing ``metrics.csv`` keeps its rows up to ``keep_until_step``."""
+
+    def __init__(self, log_dir: str, keep_until_step: int):
+        self.keep_until_step = keep_until_step
+        super().__init__(log_dir=log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = [
+                r
+                for r in reader
+                if r.get("step") not in (None, "") and float(r["step"]) <= self.keep_until_step
+            ]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.metrics_keys = sorted(header)
+
+
+class CSVLogger(_LightningCSVLogger):
+    """Lightning's ``CSVLogger`` whose file survives a resume (rows up to ``keep_until_step`` are kept).
+
+    Args:
+        keep_until_step: the step of the checkpoint the run resumes from; -1 (a fresh run) keeps
+            nothing. Other arguments as Lightning's ``CSVLogger``.
+    """
+
+    def __init__(self, *args, keep_until_step: int = -1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep_until_step = keep_until_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumingWriter(self.log_dir, self.keep_until_step)
+        return self._experiment
+
+
+def build_loggers(cfg: DictConfig, out_dir: Path, keep_until_step: int = -1) -> list:
+    """The configured loggers plus the run record (``results.json``).
+
+    ``keep_until_step``: the step of the checkpoint a resumed run starts from (-1: a fresh run)."""
     loggers = []
     for lcfg in (cfg.get("logger") or {}).values():
         if lcfg is None:
             continue
-        if lcfg._target_.endswith("WandbLogger"):
+        if lcfg._target_ == f"{__name__}.CSVLogger":
+            loggers.append(hydra.utils.instantiate(lcfg, keep_until_step=keep_until_step))
+        elif lcfg._target_.endswith("WandbLogger"):
             id_file = out_dir / "wandb_id.txt"
             if not id_file.exists():
                 id_file.write_text(

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import warnings
 
 import pytorch_lightning as pl
 import torch
@@ -20,6 +22,22 @@ from torch import nn
 
 from lightning_modules.config import AdversarialTraining, SGDConfig
 from measures.attacks import AttackSpec, adversarial_examples
+
+
+def log_rank_identical(pl_module: pl.LightningModule, metrics: dict, **kwargs) -> None:
+    """``pl_module.log_dict(metrics, sync_dist=False)`` for values that are already the same on every
+    rank (reduced by hand, by torchmetrics, or computed from all-reduced products).
+
+    Lightning recommends ``sync_dist=True`` for every epoch-level value under DDP; averaging equal
+    values again is not always bitwise equal to them (a mean over 3 ranks rounds), so these are
+    logged as they are and Lightning's recommendation is silenced for exactly these names.
+    """
+    for name in metrics:
+        warnings.filterwarnings(
+            "ignore",
+            message=rf"It is recommended to use `self\.log\({re.escape(repr(name))}, \.\.\., sync_dist=True\)`",
+        )
+    pl_module.log_dict(metrics, sync_dist=False, **kwargs)
 
 
 class SGDClassifier(pl.LightningModule):
@@ -119,7 +137,8 @@ class SGDClassifier(pl.LightningModule):
         group = (opt.optimizer if hasattr(opt, "optimizer") else opt).param_groups[0]
         loss_sum, correct, n = self.trainer.strategy.reduce(self.train_sums, reduce_op="sum")
         self.train_sums = torch.zeros_like(self.train_sums)
-        self.log_dict(
+        log_rank_identical(
+            self,
             {
                 "train/loss": loss_sum / n,  # mean over this epoch's training samples, all ranks
                 "train/acc": correct / n,
@@ -129,7 +148,6 @@ class SGDClassifier(pl.LightningModule):
                 "opt/per_device_batch": float(self.per_device_batch),
                 "opt/micro_batch": float(self.micro_batch),
             },
-            sync_dist=False,
         )
 
     # ---- evaluation: dataloader 0 = val, 1 = test, 2 = train_eval ----------------------------
@@ -153,7 +171,7 @@ class SGDClassifier(pl.LightningModule):
         if "train_eval/acc" in values and "test/acc" in values:
             values["gen_gap/acc"] = values["train_eval/acc"] - values["test/acc"]
             values["gen_gap/loss"] = values["test/loss"] - values["train_eval/loss"]
-        self.log_dict(values, prog_bar=False)
+        log_rank_identical(self, values, prog_bar=False)  # torchmetrics computes over all ranks
 
     # ---- optimizer -----------------------------------------------------------------------
     def configure_optimizers(self):

@@ -93,6 +93,7 @@ def test_bad_values_exit_nonzero_with_one_message_and_no_traceback(tmp_path):
         (["optimizer.momentum=1.5"], "optimizer.momentum=1.5 is invalid"),
         (["model=vgg"], "does not fit data=mnist5k"),
         (["model=transformer"], "Could not find 'model/transformer'"),
+        (["callbacks.hessian.k=0"], "callbacks.hessian.k=0 is invalid"),
     ]:
         proc = run_train(args, tmp_path, check=False)
         assert proc.returncode != 0
