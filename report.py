@@ -18,7 +18,12 @@ Reads every job's ``results.json`` under the sweep directory and writes, into ``
   train/test accuracy, robust accuracy).
 
 Points are means over seeds with error bars of one standard deviation. A partial sweep is
-reported as such: jobs that are missing, still running, failed or diverged are listed.
+reported as such, in notes: the grid's jobs with no result yet (the grid read from each
+``multirun.yaml`` by Hydra's own override parser, values compared as values: ``1e6`` is the job
+recorded as ``1000000.0``, see :mod:`lifecycle.sweep`), runs outside the grid, several records
+of one job, jobs still running, failed or diverged, and each ``results.json`` that cannot be read
+(skipped, never an abort). Every record under the sweep directory is read except those in the
+report's own output folder.
 With ``--wandb`` the table and figures are also logged as one W&B run of job type
 ``report`` in the sweep's group (offline without credentials).
 """
