@@ -120,7 +120,8 @@ def grid_notes(sweep_dir: Path, runs: list[dict], skip: Path | None = None) -> l
         outside = sorted(job for key, jobs in by_key.items() if key not in expected for job in jobs)
         if outside:
             notes.append(
-                f"{where}{len(outside)} runs are not in the grid of {d / sweep.MULTIRUN} "
+                f"{where}{len(outside)} {'run is' if len(outside) == 1 else 'runs are'} not in the grid of "
+                f"{d / sweep.MULTIRUN} "
                 "(from an earlier command?): " + "; ".join(outside)
             )
         for jobs in by_key.values():

@@ -136,22 +136,30 @@ class Grid:
         return job_key(overrides, self.exclude_keys)
 
     def keys(self) -> list[JobKey]:
-        return [self.key(job) for job in self.jobs]
+        """The jobs' keys, in the order of :attr:`jobs`."""
+        return list(self._keys)
 
     def axes(self) -> set[str]:
         """The keys (as in :data:`JobKey`) whose value differs between jobs."""
-        values: dict[str, set[str]] = {}
-        for key in self.keys():
-            for k, v in key:
-                values.setdefault(k, set()).add(v)
-        return {k for k, vs in values.items() if len(vs) > 1}
+        return set(self._axes)
 
     def describe(self, job: Sequence[str]) -> str:
         """A job as ``key=value,...`` over the grid's axes (all its identifying overrides if none)."""
-        axes = self.axes()
         kept = [o for o in parse(job) if o.key_or_group not in self.exclude_keys]
-        shown = [o for o in kept if o.get_key_element() in axes] or kept
+        shown = [o for o in kept if o.get_key_element() in self._axes] or kept
         return describe(o.input_line for o in shown)
+
+    @functools.cached_property
+    def _keys(self) -> tuple[JobKey, ...]:
+        return tuple(self.key(job) for job in self.jobs)
+
+    @functools.cached_property
+    def _axes(self) -> frozenset[str]:
+        values: dict[str, set[str]] = {}
+        for key in self._keys:
+            for k, v in key:
+                values.setdefault(k, set()).add(v)
+        return frozenset(k for k, vs in values.items() if len(vs) > 1)
 
 
 def describe(overrides: Iterable[str]) -> str:
