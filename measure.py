@@ -7,15 +7,20 @@
 Uses the run's own resolved config (``results.json``) to rebuild the model and data, loads the
 checkpoint's weights, and runs the same measurement code as the callbacks
 (:class:`HessianSpectrum`, :class:`AdversarialAccuracy`), so the metric names match the
-training records. Writes ``RUN_DIR/measurements/<checkpoint>[_<tag>].json`` and adds the same
-values under ``checkpoint_measurements`` in ``results.json``; with ``--density`` also a PNG of
-the eigenvalue density (stochastic Lanczos quadrature).
+training records. Each result is named ``<checkpoint>[-<tag>]-<hash>``, the hash of the
+effective settings (checkpoint, precision, Hessian and attack settings), so measurements with
+different settings never replace each other, and the same settings replace their own earlier
+result. Writes ``RUN_DIR/measurements/<name>.json`` and the same values under
+``checkpoint_measurements[<name>]`` in ``results.json``; with ``--density`` also
+``<name>_density.png``, the eigenvalue density (stochastic Lanczos quadrature).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -47,18 +52,19 @@ def find_checkpoint(run_dir: Path, which: str) -> Path:
 
 
 def load_model(run_dir: Path, checkpoint: Path, float64: bool):
-    """The run's network with the checkpoint's weights, plus its resolved config."""
+    """The run's network with the checkpoint's weights, its resolved config and the checkpoint's step."""
     record = read_record(run_dir / RECORD)
     if "config" not in record:
         raise SystemExit(f"error: {run_dir}/{RECORD} has no config: is this a run directory of train.py?")
     cfg = OmegaConf.create(record["config"])
     net = build_model(cfg)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = saved["state_dict"]
     net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
-    return (net.double() if float64 else net), cfg
+    return (net.double() if float64 else net), cfg, saved.get("global_step")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path)
     p.add_argument("--checkpoint", default="last", help="last | best | path to a .ckpt (default: last)")
@@ -78,30 +84,38 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--eps", type=float, nargs="*", default=None, help="eps grid (default: the run's)")
     p.add_argument("--pgd-steps", type=int, default=None)
-    p.add_argument("--tag", default="", help="suffix of the output file name")
-    args = p.parse_args(argv)
+    p.add_argument("--tag", default="", help="a label in the result's name (<checkpoint>-<tag>-<hash>)")
+    return p
 
+
+def callback_settings(callbacks: dict, args: argparse.Namespace) -> tuple[dict, dict]:
+    """The Hessian and attack callbacks' arguments: the run's own, with the command line's on top."""
+    h = {k: v for k, v in callbacks.get("hessian", {}).items() if k != "_target_"}
+    h.update(
+        {k: v for k, v in (("subset_size", args.subset), ("k", args.k), ("tol", args.tol)) if v is not None}
+    )
+    h["trace"] = args.trace or h.get("trace", False)
+    a = {k: v for k, v in callbacks.get("adversarial", {}).items() if k != "_target_"}
+    a.update({k: v for k, v in (("eps", args.eps), ("pgd_steps", args.pgd_steps)) if v is not None})
+    return h, a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     run_dir = args.run_dir
     ckpt = find_checkpoint(run_dir, args.checkpoint)
-    net, cfg = load_model(run_dir, ckpt, args.float64)
+    net, cfg, step = load_model(run_dir, ckpt, args.float64)
+    h, a = callback_settings(OmegaConf.to_container(cfg.get("callbacks") or {}), args)
+    settings = measurement_settings(run_dir, ckpt, step, args, h, a)
+    name = result_name(ckpt, settings, args.tag)
     data_cfg = {k: v for k, v in OmegaConf.to_container(cfg.data).items() if k != "_target_"}
     dm = ImageDataModule(**data_cfg)
     dm.setup()
     dtype = next(net.parameters()).dtype
     results: dict[str, float] = {}
-    callbacks = OmegaConf.to_container(cfg.get("callbacks") or {})
-    print(f"[measure] {ckpt} ({'float64' if args.float64 else dtype})")
+    print(f"[measure] {ckpt} ({'float64' if args.float64 else dtype}), result {name!r}")
 
     if not args.no_hessian:
-        h = {k: v for k, v in callbacks.get("hessian", {}).items() if k != "_target_"}
-        h.update(
-            {
-                k: v
-                for k, v in (("subset_size", args.subset), ("k", args.k), ("tol", args.tol))
-                if v is not None
-            }
-        )
-        h["trace"] = args.trace or h.get("trace", False)
         spectrum = HessianSpectrum(**h)
         ds = dm.measurement_dataset("train")
         x, y, _ = load_rank_subset(ds, spectrum.subset_size, spectrum.subset_seed, 0, 1)
@@ -122,16 +136,11 @@ def main(argv: list[str] | None = None) -> int:
                     split_batches(x.to(dtype), y, spectrum.batch_size),
                     n_steps=args.density_steps,
                 )
-            plot_density(
-                dens,
-                run_dir / "measurements" / f"{ckpt.stem}{'_' + args.tag if args.tag else ''}_density.png",
-            )
+            plot_density(dens, run_dir / "measurements" / f"{name}_density.png")
             results["hessian/density_n_hvp"] = float(dens.n_hvp)
             results["hessian/density_seconds"] = time.perf_counter() - start
 
     if args.attacks:
-        a = {k: v for k, v in callbacks.get("adversarial", {}).items() if k != "_target_"}
-        a.update({k: v for k, v in (("eps", args.eps), ("pgd_steps", args.pgd_steps)) if v is not None})
         adv = AdversarialAccuracy(**a)
         adv.specs = adv.build_specs(dm.info.default_eps)
         size = None if args.full_test else adv.subset_size
@@ -147,17 +156,74 @@ def main(argv: list[str] | None = None) -> int:
             + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("adv/") and "/eps" in k)
         )
 
-    name = ckpt.stem + (f"_{args.tag}" if args.tag else "")
     out = run_dir / "measurements" / f"{name}.json"
     out.parent.mkdir(exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k != "run_dir"}
-    out.write_text(json.dumps({"checkpoint": str(ckpt), "settings": settings, "metrics": results}, indent=1))
+    replaced = out.exists()
+    arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "run_dir"}
+    result = {
+        "checkpoint": str(ckpt),
+        "settings": settings,
+        "arguments": arguments,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "metrics": results,
+    }
+    out.write_text(json.dumps(result, indent=1))
     record = read_record(run_dir / RECORD)
     measured = record.get("checkpoint_measurements", {})
-    measured[name] = {"checkpoint": str(ckpt), "settings": settings, "metrics": results}
+    measured[name] = result
     update_record(run_dir / RECORD, checkpoint_measurements=measured)
-    print(f"[measure] wrote {out} and results.json:checkpoint_measurements[{name!r}]")
+    again = " (replacing the earlier result of the same settings)" if replaced else ""
+    print(f"[measure] wrote {out} and results.json:checkpoint_measurements[{name!r}]{again}")
     return 0
+
+
+def measurement_settings(
+    run_dir: Path, ckpt: Path, step: int | None, args: argparse.Namespace, hessian: dict, attacks: dict
+) -> dict:
+    """Everything that decides the measured values: which weights (checkpoint file and its training
+    step), precision, and the effective Hessian and attack settings.
+
+    Settings left at the run's own values and the same values given explicitly are the same
+    settings; options that do not apply (``--trace`` with ``--no-hessian``) are left out.
+    """
+    path = ckpt.resolve()
+    where = (
+        path.relative_to(run_dir.resolve()).as_posix()
+        if path.is_relative_to(run_dir.resolve())
+        else str(path)
+    )
+    skip = {"every_n_epochs", "at_end", "full_test_at_end"}
+    return {
+        "checkpoint": where,
+        "checkpoint_step": step,
+        "float64": args.float64,
+        "hessian": None
+        if args.no_hessian
+        else {
+            **{k: v for k, v in hessian.items() if k not in skip},
+            "density_steps": args.density_steps if args.density else None,
+        },
+        "attacks": None
+        if not args.attacks
+        else {**{k: v for k, v in attacks.items() if k not in skip}, "full_test": args.full_test},
+    }
+
+
+def _numbers_as_floats(value):
+    if isinstance(value, bool) or not isinstance(value, int | float | list | tuple | dict):
+        return value
+    if isinstance(value, dict):
+        return {k: _numbers_as_floats(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_numbers_as_floats(v) for v in value]
+    return float(value)
+
+
+def result_name(ckpt: Path, settings: dict, tag: str = "") -> str:
+    """``<checkpoint>[-<tag>]-<hash of the settings>``: different settings never share a name."""
+    digest = hashlib.sha1(json.dumps(_numbers_as_floats(settings), sort_keys=True).encode()).hexdigest()[:8]
+    tag = re.sub(r"[^A-Za-z0-9._=+-]", "_", tag)
+    return "-".join(part for part in (ckpt.stem, tag, digest) if part)
 
 
 def plot_density(dens, path: Path) -> None:

@@ -18,7 +18,12 @@ Reads every job's ``results.json`` under the sweep directory and writes, into ``
   train/test accuracy, robust accuracy).
 
 Points are means over seeds with error bars of one standard deviation. A partial sweep is
-reported as such: jobs that are missing, still running, failed or diverged are listed.
+reported as such, in notes: the grid's jobs with no result yet (the grid read from each
+``multirun.yaml`` by Hydra's own override parser, values compared as values: ``1e6`` is the job
+recorded as ``1000000.0``, see :mod:`lifecycle.sweep`), runs outside the grid, several records
+of one job, jobs still running, failed or diverged, and each ``results.json`` that cannot be read
+(skipped, never an abort). Every record under the sweep directory is read except those in the
+report's own output folder.
 With ``--wandb`` the table and figures are also logged as one W&B run of job type
 ``report`` in the sweep's group (offline without credentials).
 """
@@ -26,7 +31,6 @@ With ``--wandb`` the table and figures are also logged as one W&B run of job typ
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import re
@@ -38,8 +42,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
 
+from lifecycle import sweep  # noqa: E402
 from lifecycle.loggers import wandb_mode  # noqa: E402
 from lifecycle.record import FINISHED, RECORD  # noqa: E402
 from lightning_modules.config import effective_lr  # noqa: E402
@@ -48,50 +52,82 @@ ADV_KEY = re.compile(r"^adv/(?P<attack>[a-z]+_[a-z0-9]+)/eps(?P<eps>[0-9.e+-]+)$
 
 
 # ---- reading -------------------------------------------------------------------------------
-def load_runs(sweep_dir: Path) -> list[dict]:
-    runs = []
+def _under(path: Path, folder: Path | None) -> bool:
+    return folder is not None and path.resolve().is_relative_to(folder.resolve())
+
+
+def load_runs(sweep_dir: Path, skip: Path | None = None) -> tuple[list[dict], list[str]]:
+    """Every readable record under ``sweep_dir`` (none under ``skip``, the report's own folder).
+
+    Returns the records and a note for each record that cannot be read (truncated, not JSON).
+    """
+    runs, notes = [], []
     for path in sorted(sweep_dir.rglob(RECORD)):
-        if "report" in path.parts:
+        if _under(path, skip):
             continue
-        rec = json.loads(path.read_text())
-        rec["job"] = path.parent.name
+        try:
+            rec = json.loads(path.read_text())
+            if not isinstance(rec, dict):
+                raise ValueError(f"a JSON {type(rec).__name__}, not an object")
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            notes.append(f"unreadable record {path} ({e}): skipped, its job counts as having no result")
+            continue
+        rec["job"] = (
+            path.parent.relative_to(sweep_dir).as_posix() if path.parent != sweep_dir else path.parent.name
+        )
         rec["dir"] = str(path.parent)
         runs.append(rec)
-    return runs
+    return runs, notes
 
 
-def _override_key(overrides: list[str], exclude: set[str]) -> frozenset:
-    """A job's identity: its overrides as {key: parsed value}, so "False"/"false", "0.10"/"0.1" match."""
-    items = []
-    for override in overrides:
-        key, _, value = override.partition("=")
-        if key.lstrip("+~") in exclude:
+def grid_notes(sweep_dir: Path, runs: list[dict], skip: Path | None = None) -> list[str]:
+    """What each sweep under ``sweep_dir`` (a ``multirun.yaml``) expects and what its runs are.
+
+    Jobs of the grid with no record, records of jobs outside the grid (an earlier command's),
+    and several records of one job. A run belongs to the nearest sweep above it.
+    """
+    sweeps = sorted(
+        (p.parent for p in sweep_dir.rglob(sweep.MULTIRUN) if not _under(p, skip)),
+        key=lambda d: len(d.parts),
+        reverse=True,
+    )
+    owned: dict[Path, list[dict]] = {d: [] for d in sweeps}
+    for r in runs:
+        owner = next((d for d in sweeps if Path(r["dir"]).is_relative_to(d)), None)
+        if owner is not None:
+            owned[owner].append(r)
+    notes = []
+    for d in sorted(sweeps):
+        where = "" if d == sweep_dir else f"{d.relative_to(sweep_dir).as_posix()}: "
+        try:
+            grid = sweep.read_grid(d / sweep.MULTIRUN)
+        except sweep.SweepError as e:
+            notes.append(f"{where}the grid is unknown, so missing jobs are not listed ({e})")
             continue
-        parsed = yaml.safe_load(value) if value else None
-        items.append((key, json.dumps(parsed, sort_keys=True, default=str)))
-    return frozenset(items)
-
-
-def expected_jobs(sweep_dir: Path) -> tuple[list[frozenset], set[str]] | None:
-    """The full grid's jobs (as override keys) from Hydra's multirun.yaml, or None if unknown."""
-    path = sweep_dir / "multirun.yaml"
-    if not path.exists():
-        return None
-    hydra = yaml.safe_load(path.read_text()).get("hydra", {})
-    exclude = set(hydra.get("job", {}).get("config", {}).get("override_dirname", {}).get("exclude_keys", []))
-    axes: dict[str, list[str]] = {}
-    for key, values in (hydra.get("sweeper", {}).get("params") or {}).items():
-        axes[key] = [v.strip() for v in str(values).split(",")]
-    for override in hydra.get("overrides", {}).get("task", []):
-        key, _, value = override.partition("=")
-        simple_list = "," in value and not any(c in value for c in "[]{}()")
-        axes[key] = [v.strip() for v in value.split(",")] if simple_list else [value]
-    keys = sorted(axes)
-    grid = [
-        [f"{k}={v}" for k, v in zip(keys, combo, strict=True)]
-        for combo in itertools.product(*(axes[k] for k in keys))
-    ]
-    return [_override_key(g, exclude) for g in grid], exclude
+        by_key: dict[sweep.JobKey, list[str]] = {}
+        for r in owned[d]:
+            try:
+                by_key.setdefault(grid.key(r.get("overrides") or []), []).append(r["job"])
+            except sweep.SweepError as e:
+                notes.append(f"{r['job']}: its overrides cannot be read ({e})")
+        keys = grid.keys()
+        missing = [grid.describe(job) for job, key in zip(grid.jobs, keys, strict=True) if key not in by_key]
+        if missing:
+            notes.append(
+                f"{where}{len(missing)} of {len(keys)} jobs have no result yet: " + "; ".join(missing)
+            )
+        expected = set(keys)
+        outside = sorted(job for key, jobs in by_key.items() if key not in expected for job in jobs)
+        if outside:
+            notes.append(
+                f"{where}{len(outside)} {'run is' if len(outside) == 1 else 'runs are'} not in the grid of "
+                f"{d / sweep.MULTIRUN} "
+                "(from an earlier command?): " + "; ".join(outside)
+            )
+        for jobs in by_key.values():
+            if len(jobs) > 1:
+                notes.append(f"{len(jobs)} records of one job: " + "; ".join(sorted(jobs)))
+    return notes
 
 
 def tidy(runs: list[dict]) -> pd.DataFrame:
@@ -330,15 +366,8 @@ def report(sweep_dir: Path, out: Path | None = None) -> tuple[pd.DataFrame, list
     """Write the CSV and figures; return the table and the readable notes about missing jobs."""
     out = out or sweep_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    runs = load_runs(sweep_dir)
-    notes = []
-    grid = expected_jobs(sweep_dir)
-    if grid is not None:
-        expected, exclude = grid
-        found = {_override_key(r.get("overrides", []), exclude) for r in runs}
-        missing = [",".join(sorted("=".join(kv) for kv in job)) for job in expected if job not in found]
-        if missing:
-            notes.append(f"{len(missing)} of {len(expected)} jobs have no result yet: " + "; ".join(missing))
+    runs, notes = load_runs(sweep_dir, skip=out)
+    notes += grid_notes(sweep_dir, runs, skip=out)
     for r in runs:
         if r.get("status") not in FINISHED:
             notes.append(f"{r['job']}: {r.get('status')}" + (f" ({r['error']})" if r.get("error") else ""))
@@ -362,7 +391,7 @@ def report(sweep_dir: Path, out: Path | None = None) -> tuple[pd.DataFrame, list
 def log_to_wandb(sweep_dir: Path, out: Path, df: pd.DataFrame) -> None:
     import wandb
 
-    runs = load_runs(sweep_dir)
+    runs, _ = load_runs(sweep_dir, skip=out)
     group = runs[0].get("config", {}).get("experiment_name", sweep_dir.name) if runs else sweep_dir.name
     mode = wandb_mode()
     run = wandb.init(

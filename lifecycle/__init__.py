@@ -4,6 +4,8 @@
   LightningModule and callbacks before anything is trained;
 - :mod:`lifecycle.rundir`: run identity on disk (a job's directory from its overrides);
 - :mod:`lifecycle.record`: the result record ``results.json``, its schema and provenance;
+- :mod:`lifecycle.sweep`: which jobs a sweep directory expects (its ``multirun.yaml``) and which
+  overrides identify a job, by Hydra's own override parser;
 - :mod:`lifecycle.loggers`: CSV / W&B loggers and the record logger;
 - :mod:`lifecycle.summary`: the console summary;
 - :mod:`lifecycle.job`: one job from start to record (fresh, resume, skip).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -25,7 +26,9 @@ def test_measure_checkpoint_matches_the_training_record(tmp_path):
         [sys.executable, str(ROOT / "measure.py"), *args], cwd=ROOT, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    measured = json.loads((run_dir / "measurements" / "last.json").read_text())["metrics"]
+    (path,) = (run_dir / "measurements").glob("last-*.json")  # <checkpoint>-<hash of the settings>
+    assert f"wrote {path}" in out.stdout
+    measured = json.loads(path.read_text())["metrics"]
     trained = rec["final"]
     # full_test_at_end: the whole test set (here the 500 embedded test digits = the per-epoch subset)
     assert trained["adv_full/n_samples"] == 500
@@ -36,10 +39,37 @@ def test_measure_checkpoint_matches_the_training_record(tmp_path):
     assert measured["hessian/trace"] > measured["hessian/lambda_1"] and measured["hessian/trace_stderr"] > 0
     for key in ("adv/clean", "adv/fgsm_linf/eps0.1", "adv/pgd_linf/eps0.1"):
         assert abs(measured[key] - trained[key]) <= 1 / 500 + 1e-9, key
-    assert (run_dir / "measurements" / "last_density.png").stat().st_size > 5_000
+    assert (run_dir / "measurements" / f"{path.stem}_density.png").stat().st_size > 5_000
     record = json.loads((run_dir / "results.json").read_text())
-    assert record["checkpoint_measurements"]["last"]["metrics"] == measured
+    assert record["checkpoint_measurements"][path.stem]["metrics"] == measured
     assert record["status"] == "completed"  # the training record itself is untouched
+
+
+def measure(*args: str) -> subprocess.CompletedProcess:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "measure.py"), *args], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_measuring_again_with_other_settings_keeps_both_results(tmp_path):
+    never = ["callbacks.adversarial.at_end=false", "callbacks.adversarial.every_n_epochs=1000"]
+    run_train([*FAST, "model=mlp", "threads=1", "trainer.max_steps=2", "~callbacks.hessian", *never,
+               "callbacks.adversarial.subset_size=50"], tmp_path)  # fmt: skip
+    (run_dir,) = (p.parent for p in tmp_path.rglob("results.json"))
+    attacks = [str(run_dir), "--no-hessian", "--attacks", "--eps", "0", "0.1"]
+    first = measure(*attacks, "--pgd-steps", "1")
+    second = measure(*attacks, "--pgd-steps", "2")
+    files = sorted((run_dir / "measurements").glob("*.json"))
+    assert len(files) == 2, files
+    written = [re.search(r"wrote (\S+\.json)", out.stdout)[1] for out in (first, second)]
+    assert sorted(written) == [str(p) for p in files]  # each run says where it wrote
+    results = {p.stem: json.loads(p.read_text()) for p in files}
+    assert {r["settings"]["attacks"]["pgd_steps"] for r in results.values()} == {1, 2}
+    assert all(r["metrics"]["adv/n_samples"] == 50 for r in results.values())
+    record = json.loads((run_dir / "results.json").read_text())
+    assert record["checkpoint_measurements"] == results  # two entries, the same as the files
 
 
 def test_measure_refuses_a_directory_that_is_not_a_run(tmp_path):

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 import report
 from lifecycle.build import validate
 from lightning_modules.config import ConfigError
-from tests.helpers import ROOT, records, run_train
+from tests.helpers import NO_MEASURE, ROOT, records, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -96,6 +96,33 @@ def test_report_says_what_is_missing_from_a_partial_sweep(tmp_path):
     df, notes = report.report(sweep_dir)
     assert len(df) == 1
     assert any("1 of 2 jobs have no result yet" in n and "optimizer.batch_size=512" in n for n in notes)
+
+
+def test_report_matches_grid_values_by_value_and_notes_an_unreadable_record(tmp_path):
+    # under a folder named "report", a value typed as 1e6 (recorded as 1000000.0), a range() sweep
+    log_dir = tmp_path / "report" / "logs"
+    tiny = [*NO_MEASURE, "model=mlp", "threads=1", "trainer.max_steps=2"]
+    run_train(["-m", *tiny, "optimizer.lr=1e6,0.01", "seed=range(0,2)"], log_dir)
+    sweep_dir = log_dir / "sweeps" / "adhoc"
+    recs = {p: json.loads(p.read_text()) for p in sweep_dir.rglob("results.json")}
+    assert len(recs) == 4
+    (broken,) = (
+        p for p, r in recs.items() if r["config"]["optimizer"]["lr"] == 0.01 and r["config"]["seed"] == 1
+    )
+    broken.write_text(broken.read_text()[:100])  # a truncated record
+    stale = sweep_dir / "report" / "old" / "results.json"  # the report's own folder is never read
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps(next(iter(recs.values()))))
+    out = subprocess.run([sys.executable, str(ROOT / "report.py"), str(sweep_dir)], cwd=ROOT,
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    notes = [line.removeprefix("[report] note: ") for line in out.stdout.splitlines() if "note:" in line]
+    assert any(n.startswith(f"unreadable record {broken} (") for n in notes), notes
+    missing = [n for n in notes if "no result yet" in n]
+    assert missing == ["1 of 4 jobs have no result yet: optimizer.lr=0.01,seed=1"], notes
+    assert not any("not in the grid" in n for n in notes), notes
+    csv = pd.read_csv(sweep_dir / "report" / "runs.csv")
+    assert sorted(zip(csv["lr"], csv["seed"], strict=True)) == [(0.01, 0), (1e6, 0), (1e6, 1)]
 
 
 def test_parallel_launcher_gives_the_sequential_results(tmp_path):
