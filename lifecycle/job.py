@@ -3,7 +3,8 @@
 The record (``results.json``, :mod:`lifecycle.record`) says ``running`` once everything is
 built and checked, and ``completed`` or ``diverged`` at the end; a bad config value is recorded
 as ``failed`` with its message and exits with status 2 (in a multirun: the other jobs go on and
-the sweep exits with status 1).
+the sweep exits with status 1). A job directory outside ``paths.log_dir`` is refused the same
+way, before anything is written into it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from lifecycle.build import build_job
 from lifecycle.loggers import build_loggers, finish_wandb
 from lifecycle.record import FINISHED, RECORD, provenance, read_record, update_record
+from lifecycle.rundir import RunDirError, check_inside
 from lifecycle.summary import summarize
 from lightning_modules.config import ConfigError
 from lightning_modules.data import DataUnavailable
@@ -43,6 +45,14 @@ def _overrides() -> list[str]:
 def run_job(cfg: DictConfig, out_dir: Path, multirun: bool = False) -> float | None:
     """Run (or resume, or skip) one job; returns the final validation accuracy."""
     start = time.time()
+    try:
+        check_inside(out_dir, cfg.paths.log_dir)  # before anything of ours is written there
+    except RunDirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if multirun:
+            failed_jobs.append(str(out_dir))
+            return None
+        sys.exit(2)
     out_dir.mkdir(parents=True, exist_ok=True)
     record_path = out_dir / RECORD
     rank_zero = getattr(rank_zero_only, "rank", 0) == 0

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from itertools import combinations
+from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
+from omegaconf import OmegaConf
 
+from lifecycle.job import failed_jobs, run_job
 from lifecycle.rundir import RunDirError, check_inside, job_dirname, safe_name
 
 LONG = "a=" + "x" * 150
@@ -88,6 +92,18 @@ def test_safe_name_maps_experiment_names_to_one_component():
             safe_name(bad)
 
 
+def test_composed_sweep_and_run_dirs_lie_inside_the_log_dir(compose, tmp_path):
+    log_dir = tmp_path / "logs"
+    cfg = compose(["experiment_name=../../x", "+note=../../../y", f"paths.log_dir={log_dir}"])
+    sweep = Path(cfg.hydra.sweep.dir)
+    assert sweep == log_dir / "sweeps" / "%2E.%2F..%2Fx"
+    assert cfg.experiment_name == "../../x"  # the name itself (W&B group, record) is kept as given
+    run = Path(cfg.hydra.run.dir)
+    assert run.parent == log_dir / "runs" and "%2F" in run.name
+    for d in (sweep, run, sweep / cfg.hydra.sweep.subdir):
+        assert log_dir in Path(os.path.abspath(d)).parents
+
+
 def test_check_inside(tmp_path):
     log_dir = tmp_path / "logs"
     assert check_inside(log_dir / "runs" / "x", log_dir) == log_dir / "runs" / "x"
@@ -99,3 +115,15 @@ def test_check_inside(tmp_path):
     ]:
         with pytest.raises(RunDirError, match="not inside the log directory"):
             check_inside(outside, log_dir)
+
+
+def test_run_job_refuses_a_directory_outside_the_log_dir_before_writing(compose, tmp_path, capsys):
+    cfg = compose([f"paths.log_dir={tmp_path / 'logs'}"])
+    task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    outside = tmp_path / "elsewhere" / "job"
+    with pytest.raises(SystemExit) as e:
+        run_job(task_cfg, outside)
+    assert e.value.code == 2 and not (tmp_path / "elsewhere").exists()
+    assert "not inside the log directory" in capsys.readouterr().err
+    assert run_job(task_cfg, outside, multirun=True) is None and failed_jobs.pop() == str(outside)
+    assert not (tmp_path / "elsewhere").exists()
