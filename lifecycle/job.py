@@ -17,7 +17,8 @@ A re-run of the same command resumes a job that is not finished from ``checkpoin
 (one run: the history keeps each epoch once, the wall time adds up) and refuses to report or
 resume a job whose training config, measurement settings or code changed
 (:mod:`lifecycle.identity`). Only one process runs a job at a time: a lock file in the run
-directory is held while the job runs and released by the kernel when its process dies.
+directory is held while the job runs and released by the kernel when its process dies. A job
+directory outside ``paths.log_dir`` is refused before anything is written into it.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
 from callbacks.fault_injection import FaultInjection
+from lifecycle import sweep
 from lifecycle.build import build_job
 from lifecycle.identity import changes, identity
 from lifecycle.loggers import build_loggers, finish_wandb
@@ -53,6 +55,7 @@ from lifecycle.record import (
     truncate_history,
     update_record,
 )
+from lifecycle.rundir import RunDirError, check_inside
 from lifecycle.summary import summarize
 from lightning_modules.config import ConfigError
 from lightning_modules.data import DataUnavailable
@@ -200,17 +203,12 @@ def _end_segment(record_path: Path, start: float, **fields) -> dict:
 
 def _jobs_not_run() -> list[str]:
     """In a sequential multirun, the override sets of the jobs after this one, in Hydra's order."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     hc = HydraConfig.get()
     if not str(hc.launcher.get("_target_", "")).endswith("BasicLauncher"):
         return []  # parallel launchers start jobs in their own order
     args = [a for a in sys.argv[1:] if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
     params = [f"{k}={v}" for k, v in (hc.sweeper.get("params") or {}).items()]
-    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params + args), None)
-    jobs = [",".join(job) for batch in batches for job in batch]
-    return jobs[hc.job.num + 1 :]
+    return [sweep.describe(job) for job in sweep.expand(params + args)[hc.job.num + 1 :]]
 
 
 def _exit(code: int, multirun: bool, out_dir: Path) -> None:
@@ -222,6 +220,12 @@ def _exit(code: int, multirun: bool, out_dir: Path) -> None:
 
 def run_job(cfg: DictConfig, out_dir: Path, multirun: bool = False) -> float | None:
     """Run (or resume, or report) one job; returns the final validation accuracy."""
+    try:
+        check_inside(out_dir, cfg.paths.log_dir)  # before anything of ours is written there
+    except RunDirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        _exit(EXIT_REFUSED, multirun, out_dir)
+        return None
     out_dir.mkdir(parents=True, exist_ok=True)
     rank_zero = getattr(rank_zero_only, "rank", 0) == 0
     lock = job_lock(out_dir) if rank_zero else contextlib.nullcontext()

@@ -35,5 +35,7 @@ def test_time_limited_job_is_requeued_resumed_and_finishes_once(tmp_path):
     assert epochs == list(range(EPOCHS))  # one continuous history
     (metrics,) = tmp_path.rglob(f"{name}/csv/version_0/metrics.csv")
     with open(metrics) as f:
-        assert sorted(float(r["epoch"]) for r in csv.DictReader(f) if r.get("train/loss")) == list(range(EPOCHS))
+        assert sorted(float(r["epoch"]) for r in csv.DictReader(f) if r.get("train/loss")) == list(
+            range(EPOCHS)
+        )
     assert rec["wall_time_s"] == pytest.approx(sum(s["wall_time_s"] for s in rec["segments"]))
