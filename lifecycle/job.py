@@ -52,6 +52,7 @@ from lifecycle.record import (
     RecordError,
     provenance,
     read_record,
+    time_split,
     truncate_history,
     update_record,
 )
@@ -149,6 +150,12 @@ def _checkpoint_step(path: Path) -> int:
             f"{path} cannot be read ({type(e).__name__}: {e}). It is the point this job resumes from; "
             "fresh=true trains the job again from the start (its record is replaced)."
         ) from None
+
+
+def _cause(e: Exception) -> str:
+    """The error behind Hydra's instantiation wrapper, as ``Type: message``."""
+    cause = e.__cause__ or e
+    return f"{type(cause).__name__}: {cause}"
 
 
 def _check_identity(previous: dict, now: dict, cfg: DictConfig, out_dir: Path) -> dict | None:
@@ -276,7 +283,10 @@ def _run_locked(cfg: DictConfig, out_dir: Path, multirun: bool, rank_zero: bool)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     plan = job.plan
-    loggers = build_loggers(cfg, out_dir, keep_until_step=resume_step)
+    try:
+        loggers = build_loggers(cfg, out_dir, keep_until_step=resume_step)
+    except Exception as e:  # a logger argument its class refuses
+        raise JobRefused(f"logger: {_cause(e)}") from None
     callbacks = list(job.callbacks)
     if os.environ.get("SGD_FAULT"):
         callbacks.insert(0, FaultInjection.from_env(os.environ["SGD_FAULT"]))
@@ -290,7 +300,7 @@ def _run_locked(cfg: DictConfig, out_dir: Path, multirun: bool, rank_zero: bool)
             default_root_dir=str(out_dir),
         )
     except Exception as e:  # a trainer argument Lightning refuses
-        raise JobRefused(f"trainer: {type(e).__name__}: {e}") from None
+        raise JobRefused(f"trainer: {_cause(e)}") from None
     if rank_zero:
         truncate_history(record_path, resume_step)  # rows logged after the checkpoint are logged again
         record = read_record(record_path)
@@ -391,5 +401,6 @@ def _run_locked(cfg: DictConfig, out_dir: Path, multirun: bool, rank_zero: bool)
     steps = {k: v for k, v in record.get("last_step", {}).items() if k in final and k not in evaluated}
     status = "diverged" if record.get("stop_reason") == "diverged" else "completed"
     record = _end_segment(record_path, start, status=status, final=final, final_step=steps)
+    record = update_record(record_path, time_split=time_split(record))
     print(summarize(record, out_dir))
     return final.get("val/acc")

@@ -21,6 +21,7 @@ The schema, written by :mod:`lifecycle.job` and :class:`RunRecord`:
 
 Steps follow Lightning's logging convention: an epoch-end row of a run that has taken ``s``
 optimizer steps has ``step = s - 1``; ``stopped_at_step`` counts optimizer steps.
+- ``time_split``: where the wall time went (:func:`time_split`), at the end;
 - on failure: ``error`` (type and message) and ``traceback`` (its last lines).
 
 The file is strict JSON: non-finite numbers are written as the strings ``"nan"``, ``"inf"`` and
@@ -100,6 +101,20 @@ def update_record(path: str | os.PathLike, **fields: Any) -> dict:
     record.update({k: plain(v) for k, v in fields.items()})
     write_record(path, record)
     return record
+
+
+def time_split(record: dict) -> dict[str, float]:
+    """Where the run's wall time went, in seconds: every per-epoch ``<part>/seconds`` metric summed
+    over the history (``hessian``, ``adv``, ``eval``, a user's measurement...), and ``training``:
+    the rest of ``wall_time_s`` (the training steps, and what nothing timed: start-up, checkpoints)."""
+    parts: dict[str, float] = {}
+    for row in record.get("history", []):
+        for key, value in row.items():
+            if key.endswith("/seconds") and isinstance(value, int | float):
+                part = key.removesuffix("/seconds")
+                parts[part] = parts.get(part, 0.0) + value
+    wall = record.get("wall_time_s", 0.0)
+    return {"training": max(wall - sum(parts.values()), 0.0), **dict(sorted(parts.items()))}
 
 
 def truncate_history(path: str | os.PathLike, step: int) -> None:

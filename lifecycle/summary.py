@@ -21,6 +21,12 @@ def summarize(record: dict, out_dir: Path) -> str:
         f"[train] train loss {num('train_eval/loss')}  acc {num('train_eval/acc')}   "
         f"test loss {num('test/loss')}  acc {num('test/acc')}   val acc {num('val/acc')}",
     ]
+    split, wall = record.get("time_split"), record.get("wall_time_s") or 0.0
+    if split and wall:
+        lines.append(
+            "[train] time: "
+            + ", ".join(f"{part} {s:.0f} s ({100 * s / wall:.0f}%)" for part, s in split.items())
+        )
     hessian = [
         f"{k.removeprefix('hessian/')} {f[k]:.4g}" for k in sorted(f) if k.startswith("hessian/lambda")
     ]

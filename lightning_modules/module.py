@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import time
 import warnings
 
 import pytorch_lightning as pl
@@ -53,7 +54,8 @@ class SGDClassifier(pl.LightningModule):
     Logs at each epoch end: ``train/loss``, ``train/acc`` (the epoch's training samples, all
     ranks), ``opt/lr``, ``opt/momentum``, ``opt/batch_size``, ``opt/per_device_batch``,
     ``opt/micro_batch``; after each validation ``{val,test,train_eval}/{loss,acc}`` and
-    ``gen_gap/{acc,loss}``; every ``log_every_n_steps`` steps ``train/loss_step``.
+    ``gen_gap/{acc,loss}`` and ``eval/seconds`` (this rank's time in the evaluation loop); every
+    ``log_every_n_steps`` steps ``train/loss_step``.
     """
 
     def __init__(
@@ -157,8 +159,11 @@ class SGDClassifier(pl.LightningModule):
         self.eval_loss[dataloader_idx].update(self.loss_fn(logits, y), weight=len(y))
         self.eval_acc[dataloader_idx].update(logits, y)
 
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start = time.perf_counter()
+
     def on_validation_epoch_end(self) -> None:
-        values = {}
+        values = {"eval/seconds": time.perf_counter() - self._eval_start}
         for i, name in enumerate(self.eval_names):
             # skip sets this loop did not evaluate; under DDP every rank must still compute, since
             # compute() is a collective and a rank's shard may be empty

@@ -94,6 +94,8 @@ def test_bad_values_exit_nonzero_with_one_message_and_no_traceback(tmp_path):
         (["model=vgg"], "does not fit data=mnist5k"),
         (["model=transformer"], "Could not find 'model/transformer'"),
         (["callbacks.hessian.k=0"], "callbacks.hessian.k=0 is invalid"),
+        (["trainer.precision=17"], "trainer: "),
+        (["+logger.csv.flush_every=3"], "logger: "),
     ]:
         proc = run_train(args, tmp_path, check=False)
         assert proc.returncode != 0
