@@ -197,6 +197,39 @@ def _check_identity(previous: dict, now: dict, cfg: DictConfig, out_dir: Path) -
     return None
 
 
+def _start_segment(record_path, cfg, now, plan, resume, resume_step, accepted, start) -> None:
+    """Open this process's segment of the run: the record says ``running`` with its header.
+
+    Rows logged after the checkpoint this segment resumes from are dropped (they are logged
+    again); earlier segments that ended without a word are marked ``killed``."""
+    truncate_history(record_path, resume_step)
+    record = read_record(record_path)
+    update_record(
+        record_path,
+        status="running",
+        overrides=_overrides(),
+        config=OmegaConf.to_container(cfg, resolve=True),
+        identity=now,
+        batch_plan=dataclasses.asdict(plan),
+        provenance=provenance(),
+        resumed_from=str(resume) if resume else None,
+        accepted_code_changes=record.get("accepted_code_changes", []) + ([accepted] if accepted else []),
+        segments=[
+            *({**s, "ended": s.get("ended", "killed")} for s in record.get("segments", [])),
+            {
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "started_unix": start,
+                "from_step": max(resume_step, 0),
+                "wall_time_s": 0.0,
+            },
+        ],
+        error=None,
+        stop_reason=None,
+        stopped_at_step=None,
+        stopped_at_epoch=None,
+    )
+
+
 def _end_segment(record_path: Path, start: float, **fields) -> dict:
     """Close this process's segment of the run: its wall time, and the run's total over all segments."""
     record = read_record(record_path)
@@ -262,7 +295,7 @@ def _run_locked(cfg: DictConfig, out_dir: Path, multirun: bool, rank_zero: bool)
         raise JobRefused(str(e)) from None
 
     if cfg.fresh and rank_zero:
-        for p in ("checkpoints", "csv", "wandb", RECORD, "wandb_id.txt"):
+        for p in ("checkpoints", "csv", "wandb", "measurements", RECORD, "wandb_id.txt"):
             target = out_dir / p
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         previous = {}
@@ -302,32 +335,7 @@ def _run_locked(cfg: DictConfig, out_dir: Path, multirun: bool, rank_zero: bool)
     except Exception as e:  # a trainer argument Lightning refuses
         raise JobRefused(f"trainer: {_cause(e)}") from None
     if rank_zero:
-        truncate_history(record_path, resume_step)  # rows logged after the checkpoint are logged again
-        record = read_record(record_path)
-        update_record(
-            record_path,
-            status="running",
-            overrides=_overrides(),
-            config=OmegaConf.to_container(cfg, resolve=True),
-            identity=now,
-            batch_plan=dataclasses.asdict(plan),
-            provenance=provenance(),
-            resumed_from=str(resume) if resume else None,
-            accepted_code_changes=record.get("accepted_code_changes", []) + ([accepted] if accepted else []),
-            segments=[
-                *({**s, "ended": s.get("ended", "killed")} for s in record.get("segments", [])),
-                {
-                    "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    "started_unix": start,
-                    "from_step": max(resume_step, 0),
-                    "wall_time_s": 0.0,
-                },
-            ],
-            error=None,
-            stop_reason=None,
-            stopped_at_step=None,
-            stopped_at_epoch=None,
-        )
+        _start_segment(record_path, cfg, now, plan, resume, resume_step, accepted, start)
         if resume:
             print(f"[train] resuming from {resume} (step {resume_step})")
     if plan.world_size > 1 and not cfg.trainer.sync_batchnorm and has_batchnorm(job.module.net) and rank_zero:
