@@ -190,6 +190,34 @@ def _missing_message(name: str, root: str, why: str) -> str:
     )
 
 
+class EpochPermutation(Sampler[int]):
+    """The training set's order in one epoch: a permutation drawn from (seed, epoch), or 0..n-1.
+
+    :class:`GlobalBatchSampler` cuts it into batches and exposes it as its ``sampler``, where
+    Lightning's fit loop finds ``set_epoch`` at the start of every epoch (it looks on
+    ``loader.sampler`` and ``loader.batch_sampler.sampler``, not on the batch sampler itself).
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def permutation(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.permutation().tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class GlobalBatchSampler(Sampler[list[int]]):
     """Yields this rank's part of each *global* batch, so 1 and N devices see the same batches.
 
@@ -197,7 +225,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
     ``perm[k*B:(k+1)*B]`` and rank r takes the r-th of ``world`` equal slices of it, then cuts
     that slice into micro-batches (gradient accumulation). A last global batch smaller than
     ``world`` samples is dropped (every rank must take a step), and so is any last partial
-    batch when ``drop_last``.
+    batch when ``drop_last``. The epoch comes from Lightning through :attr:`sampler`
+    (:class:`EpochPermutation`), or from :meth:`set_epoch` in a plain loop.
     """
 
     def __init__(
@@ -214,18 +243,17 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.n, self.batch_size, self.micro = n, batch_size, micro_batch_size
         self.rank, self.world, self.seed = rank, world, seed
         self.drop_last, self.shuffle = drop_last, shuffle
-        self.epoch = 0
+        self.sampler = EpochPermutation(n, seed, shuffle)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
 
     def _global_batches(self) -> list[torch.Tensor]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            perm = torch.randperm(self.n, generator=g)
-        else:
-            perm = torch.arange(self.n)
-        batches = list(perm.split(self.batch_size))
+        batches = list(self.sampler.permutation().split(self.batch_size))
         if batches and (
             len(batches[-1]) < self.world or (self.drop_last and len(batches[-1]) < self.batch_size)
         ):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_modules.data import (
     DataUnavailable,
@@ -54,6 +56,53 @@ def test_ranks_together_see_exactly_the_one_device_global_batches(n, batch, worl
     s.set_epoch(1)
     assert list(s) != one  # reshuffled each epoch
     assert len(per_rank[0]) == len(list(GlobalBatchSampler(n, batch, micro, 0, world, seed=3)))
+
+
+def test_batches_are_the_documented_permutation_of_seed_and_epoch():
+    n, batch, seed = 50, 8, 3
+    s = GlobalBatchSampler(n, batch, batch, 0, 1, seed=seed)
+    for epoch in (0, 4):
+        s.set_epoch(epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        assert list(s) == [b.tolist() for b in perm.split(batch)]
+
+
+class _RecordBatches(pl.LightningModule):
+    """A one-weight model that records the sample indices (the dataset's values) of every batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        self.seen: list[tuple[int, list[int]]] = []
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        self.seen.append((self.current_epoch, x.long().tolist()))
+        return (self.w * x.double()).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _trainer(**kwargs) -> pl.Trainer:
+    quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    return pl.Trainer(accelerator="cpu", devices=1, use_distributed_sampler=False, **quiet, **kwargs)
+
+
+def test_lightning_hands_the_epoch_to_the_sampler():
+    # Lightning calls set_epoch on loader.sampler and loader.batch_sampler.sampler only
+    n, batch = 12, 4
+    loader = DataLoader(
+        TensorDataset(torch.arange(n)), batch_sampler=GlobalBatchSampler(n, batch, batch, 0, 1, 0)
+    )
+    module = _RecordBatches()
+    _trainer(max_epochs=3, enable_checkpointing=False).fit(module, loader)
+    per_epoch = [[b for e, b in module.seen if e == epoch] for epoch in range(3)]
+    for epoch, batches in enumerate(per_epoch):
+        s = GlobalBatchSampler(n, batch, batch, 0, 1, 0)
+        s.set_epoch(epoch)
+        assert batches == list(s), epoch
+    assert per_epoch[0] != per_epoch[1] != per_epoch[2]
 
 
 def test_augmentation_only_on_training_batches():
