@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import os
 from collections.abc import Iterator
 
@@ -244,6 +245,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.rank, self.world, self.seed = rank, world, seed
         self.drop_last, self.shuffle = drop_last, shuffle
         self.sampler = EpochPermutation(n, seed, shuffle)
+        self._skip = 0
 
     @property
     def epoch(self) -> int:
@@ -260,15 +262,107 @@ class GlobalBatchSampler(Sampler[list[int]]):
             batches.pop()
         return batches
 
+    def skip_next(self, batches: int) -> None:
+        """Start the next iteration (only) after its first ``batches`` batches of this rank."""
+        self._skip = batches
+
+    def layout(self) -> dict:
+        """What fixes the batches of an epoch (``rank`` aside): a resumed position is only valid
+        under the same layout."""
+        return {
+            "n": self.n,
+            "batch_size": self.batch_size,
+            "micro_batch_size": self.micro,
+            "world": self.world,
+            "seed": self.seed,
+            "drop_last": self.drop_last,
+            "shuffle": self.shuffle,
+        }
+
     def __iter__(self) -> Iterator[list[int]]:
-        for gb in self._global_batches():
-            mine = shard_for_rank(gb, self.rank, self.world)
-            yield from (m.tolist() for m in mine.split(self.micro))
+        # read at the first next(), not at iter(): a DataLoader with workers makes (and drops) an
+        # iterator before the one it reads
+        skip, self._skip = self._skip, 0
+        mine = (
+            m
+            for gb in self._global_batches()
+            for m in shard_for_rank(gb, self.rank, self.world).split(self.micro)
+        )
+        yield from (m.tolist() for m in itertools.islice(mine, skip, None))
 
     def __len__(self) -> int:
         return sum(
             -(-len(shard_for_rank(gb, self.rank, self.world)) // self.micro) for gb in self._global_batches()
         )
+
+
+class ResumableLoader(DataLoader):
+    """The training loader over a :class:`GlobalBatchSampler`, resumable mid-epoch at the exact batch.
+
+    Lightning saves the ``state_dict()`` of every training loader that has ``state_dict`` and
+    ``load_state_dict`` (``lightning_fabric``'s ``_Stateful``) in its checkpoints
+    (``loops.fit_loop.state_dict.combined_loader``), and hands it back to :meth:`load_state_dict`
+    when it resumes from a checkpoint taken inside an epoch. The state is the epoch and the number
+    of batches this loader has handed to training in it (counted here, not in the sampler, which
+    DataLoader workers read ahead), with the sampler's :meth:`GlobalBatchSampler.layout`. The first
+    iteration after loading starts right after those batches, so a resumed run trains on exactly
+    the batches an uninterrupted run would have; the epoch's length stays the full length, as
+    Lightning counts the batches already done itself. A position from the end of an epoch is left
+    alone: the next epoch starts from its first batch whatever the layout.
+
+    Resuming inside an epoch needs the same layout (device count, micro-batch, global batch,
+    seed, data): Lightning's own counters are in micro-batches of the interrupted run. A checkpoint
+    taken between the micro-batches of one optimizer step cannot be resumed exactly (the summed
+    gradient is not in it); :class:`callbacks.mid_epoch_checkpoint.MidEpochCheckpoint` writes
+    them on optimizer steps only.
+    """
+
+    batch_sampler: GlobalBatchSampler
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.batch_sampler, GlobalBatchSampler):
+            raise TypeError("ResumableLoader needs batch_sampler=GlobalBatchSampler(...)")
+        self._epoch: int | None = None  # of the latest iteration; None: not iterated yet
+        self._done, self._length = 0, 0
+        self._resume: dict | None = None
+
+    def state_dict(self) -> dict:
+        if self._epoch is None:
+            position = {"epoch": self.batch_sampler.epoch, "batches": 0, "length": len(self.batch_sampler)}
+        else:
+            position = {"epoch": self._epoch, "batches": self._done, "length": self._length}
+        return {**position, **self.batch_sampler.layout()}
+
+    def load_state_dict(self, state: dict) -> None:
+        now = self.batch_sampler.layout()
+        changed = {k: (state[k], v) for k, v in now.items() if state[k] != v}
+        if 0 < state["batches"] < state["length"] and changed:  # inside an epoch: only the same layout
+            raise ValueError(
+                f"the checkpoint was taken after batch {state['batches']} of {state['length']} of epoch "
+                f"{state['epoch']} under another batch layout ({changed}, as (then, now)); resume it with "
+                "the same devices, max_micro_batch, batch size, seed and data, or from an epoch-end checkpoint"
+            )
+        self._resume = dict(state)
+
+    def __iter__(self) -> Iterator:
+        return self._epoch_batches()  # runs at the first next(), after Lightning's set_epoch
+
+    def _epoch_batches(self) -> Iterator:
+        sampler = self.batch_sampler
+        skip, resume, self._resume = 0, self._resume, None
+        if resume is not None and 0 < resume["batches"] < resume["length"]:
+            if resume["epoch"] != sampler.epoch:
+                raise RuntimeError(
+                    f"resuming inside epoch {resume['epoch']} of the loader, but training resumes in "
+                    f"epoch {sampler.epoch}"
+                )
+            skip = resume["batches"]
+        self._epoch, self._done, self._length = sampler.epoch, skip, len(sampler)
+        sampler.skip_next(skip)
+        for batch in super().__iter__():
+            self._done += 1
+            yield batch
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -358,7 +452,7 @@ class ImageDataModule(pl.LightningDataModule):
         t = self.trainer
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         rank, world = self._rank_world()
         sampler = GlobalBatchSampler(
             len(self.splits["train"]),
@@ -369,7 +463,7 @@ class ImageDataModule(pl.LightningDataModule):
             self.seed,
             drop_last=self.drop_last,
         )
-        return DataLoader(
+        return ResumableLoader(
             self.splits["train"],
             batch_sampler=sampler,
             num_workers=self.num_workers,

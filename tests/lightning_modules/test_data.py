@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -12,6 +14,7 @@ from lightning_modules.data import (
     GlobalBatchSampler,
     ImageDataModule,
     ImageTensorDataset,
+    ResumableLoader,
     load_mnist5k,
     load_torchvision,
 )
@@ -103,6 +106,75 @@ def test_lightning_hands_the_epoch_to_the_sampler():
         s.set_epoch(epoch)
         assert batches == list(s), epoch
     assert per_epoch[0] != per_epoch[1] != per_epoch[2]
+
+
+def _loader(n, batch, micro, rank, world, epoch, num_workers=0) -> ResumableLoader:
+    loader = ResumableLoader(
+        TensorDataset(torch.arange(n)),
+        batch_sampler=GlobalBatchSampler(n, batch, micro, rank, world, seed=5),
+        num_workers=num_workers,
+    )
+    loader.batch_sampler.set_epoch(epoch)
+    return loader
+
+
+def _indices(batches) -> list[list[int]]:
+    return [x.tolist() for (x,) in batches]
+
+
+@pytest.mark.parametrize(
+    "n,batch,micro,world,k,num_workers",
+    [
+        (100, 16, 16, 1, 3, 0),  # one device
+        (100, 16, 8, 1, 4, 0),  # micro-batches: 2 per optimizer step
+        (100, 16, 4, 2, 6, 0),  # two ranks, 2 micro-batches each per step
+        (100, 16, 4, 2, 6, 1),  # with a worker, which reads the sampler ahead
+    ],
+)
+def test_loader_state_resumes_at_the_exact_batch(n, batch, micro, world, k, num_workers):
+    for rank in range(world):
+        full = _indices(_loader(n, batch, micro, rank, world, epoch=2))
+        interrupted = _loader(n, batch, micro, 0, world, epoch=2, num_workers=num_workers)
+        first = _indices(itertools.islice(iter(interrupted), k))
+        state = interrupted.state_dict()  # Lightning saves rank 0's and loads it on every rank
+        assert first == _indices(_loader(n, batch, micro, 0, world, epoch=2))[:k]
+        assert state["epoch"] == 2 and state["batches"] == k and state["length"] == len(full)
+
+        resumed = _loader(n, batch, micro, rank, world, epoch=0, num_workers=num_workers)
+        resumed.load_state_dict(state)
+        resumed.batch_sampler.set_epoch(2)  # as Lightning does before iterating
+        assert len(resumed) == len(full)  # Lightning counts the k batches done itself
+        rest = _indices(resumed)
+        assert rest == full[k:] and len(rest) < len(full)
+        assert resumed.state_dict()["batches"] == len(full)
+        resumed.batch_sampler.set_epoch(3)  # the next epoch starts from its first batch
+        assert _indices(resumed) == _indices(_loader(n, batch, micro, rank, world, epoch=3))
+
+
+def test_loader_refuses_a_mid_epoch_position_of_another_layout_but_not_an_epoch_end():
+    loader = _loader(100, 16, 8, 0, 1, epoch=1)
+    assert loader.state_dict()["batches"] == 0 and loader.state_dict()["epoch"] == 1
+    list(itertools.islice(iter(loader), 3))
+    mid = loader.state_dict()
+    assert (mid["epoch"], mid["batches"], mid["length"]) == (
+        1,
+        3,
+        13,
+    )  # 6 full global batches of 2 micro-batches, then 4 samples
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        _loader(100, 16, 16, 0, 1, epoch=1).load_state_dict(mid)
+    with pytest.raises(ValueError, match="world"):
+        _loader(100, 16, 8, 0, 2, epoch=1).load_state_dict(mid)
+    ended = {**mid, "batches": mid["length"]}
+    other = _loader(100, 16, 16, 0, 1, epoch=0)
+    other.load_state_dict(ended)
+    other.batch_sampler.set_epoch(2)
+    assert _indices(other) == _indices(_loader(100, 16, 16, 0, 1, epoch=2))
+    stale = _loader(100, 16, 8, 0, 1, epoch=0)
+    stale.load_state_dict(mid)  # a position inside epoch 1, but training goes on in epoch 2
+    stale.batch_sampler.set_epoch(2)
+    with pytest.raises(RuntimeError, match="epoch 1"):
+        next(iter(stale))
 
 
 def test_augmentation_only_on_training_batches():
