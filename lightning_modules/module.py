@@ -132,6 +132,19 @@ class SGDClassifier(pl.LightningModule):
             sync_dist=False,
         )
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # this epoch's running sums over all ranks (every rank saves; a collective on a copy), so a
+        # run resumed inside the epoch reports train/loss and train/acc over the whole epoch
+        checkpoint["train_sums"] = self.trainer.strategy.reduce(
+            self.train_sums.clone(), reduce_op="sum"
+        ).cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        sums = checkpoint.get("train_sums")
+        trainer = self._trainer
+        if sums is not None and (trainer is None or trainer.global_rank == 0):
+            self.train_sums = sums.to(self.train_sums)  # the other ranks start from zero
+
     # ---- evaluation: dataloader 0 = val, 1 = test, 2 = train_eval ----------------------------
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         x, y = batch
