@@ -73,6 +73,13 @@ class SGDClassifier(pl.LightningModule):
         )
         self.eval_names = ("val", "test", "train_eval")
 
+    def setup(self, stage: str) -> None:
+        # Lightning restores a checkpoint's weights before its precision plugin converts the
+        # module (Trainer._run): a "64-true" run resumed into float32 parameters would lose its
+        # weights' low bits, so the module is made float64 first.
+        if str(self.trainer.precision).startswith("64"):
+            self.double()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
