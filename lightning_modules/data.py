@@ -365,6 +365,20 @@ class ResumableLoader(DataLoader):
             yield batch
 
 
+def restore_loader_states(trainer: pl.Trainer) -> None:
+    """Hand the checkpoint's training-loader states to the loaders, where Lightning 2.6 drops them.
+
+    When ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (as the schedules
+    of :class:`lightning_modules.module.SGDClassifier` do), Lightning loads the training loader
+    before it restores the checkpoint's loop state, and then never calls the loader's
+    ``load_state_dict`` (pytorch-lightning issue #20550): a run resumed inside an epoch would
+    train on that epoch's first batches again. Call this from ``on_train_start``: after the
+    restore, before the first batch (:class:`ResumableLoader` reads its state at its first
+    batch). It loads only what Lightning left pending, so it is a no-op when Lightning did it.
+    """
+    trainer.fit_loop._load_combined_loader_states()
+
+
 class ImageDataModule(pl.LightningDataModule):
     """Train / val / test loaders plus an un-augmented copy of the training set for measurements.
 

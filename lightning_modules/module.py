@@ -19,6 +19,7 @@ import torchmetrics
 from torch import nn
 
 from lightning_modules.config import AdversarialTraining, SGDConfig
+from lightning_modules.data import restore_loader_states
 from measures.attacks import AttackSpec, adversarial_examples
 
 
@@ -120,6 +121,9 @@ class SGDClassifier(pl.LightningModule):
         if batch_idx % self.trainer.log_every_n_steps == 0:
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
         return loss
+
+    def on_train_start(self) -> None:
+        restore_loader_states(self.trainer)  # resumed inside an epoch: at the exact batch
 
     def on_train_epoch_end(self) -> None:
         opt = self.optimizers()

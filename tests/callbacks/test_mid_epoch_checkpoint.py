@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 
 from callbacks.mid_epoch_checkpoint import MidEpochCheckpoint
 from lifecycle.build import build_callbacks
-from lightning_modules.data import GlobalBatchSampler, ResumableLoader
+from lightning_modules.data import GlobalBatchSampler, ResumableLoader, restore_loader_states
 
 N, BATCH, MICRO = 40, 8, 4  # 10 micro-batches per epoch, 2 per optimizer step: 5 steps per epoch
 STEPS_PER_EPOCH = 5
@@ -35,8 +35,12 @@ class OrderSensitive(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=0.3, momentum=0.9)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + 0.2 * step))
+        total = self.trainer.estimated_stepping_batches  # loads the train loader early (Lightning #20550)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - 0.8 * step / total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_start(self):
+        restore_loader_states(self.trainer)  # what SGDClassifier does
 
     def on_save_checkpoint(self, checkpoint):
         self.saves.append((self.global_step, self.trainer.fit_loop.epoch_loop.batch_progress.current.ready))
