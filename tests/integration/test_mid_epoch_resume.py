@@ -1,15 +1,17 @@
 """train.py killed inside an epoch and rerun: it resumes at the exact batch and ends on the same weights.
 
-Run A trains two epochs uninterrupted. Run B is the same run with a mid-epoch checkpoint every
-5 optimizer steps: it is killed (SIGKILL) once ``last.ckpt`` holds a step inside the second epoch,
-then rerun with the same command, which resumes from that checkpoint. In float64 on one thread,
-with gradient accumulation (2 micro-batches per step), momentum and a cosine schedule, B's final
-weights and per-epoch records must be A's.
+Run A trains two epochs uninterrupted on one device. Run B is the same run with a mid-epoch
+checkpoint every 5 optimizer steps, on one device or on two (DDP, other micro-batches): it is
+killed (SIGKILL, its whole process group) once ``last.ckpt`` holds a step inside the second
+epoch, then rerun with the same command, which resumes from that checkpoint. In float64 on one
+thread, with gradient accumulation, momentum and a cosine schedule, B's final weights and
+per-epoch records must be A's (1 and 2 devices differ by ~1e-17 here: the same global batches).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -29,8 +31,9 @@ ARGS = [
     "trainer.precision=64-true",
     "trainer.max_epochs=2",
     "optimizer.schedule=cosine",
-    "max_micro_batch=64",
 ]
+ONE_DEVICE = ["max_micro_batch=64"]  # 2 micro-batches per step
+TWO_DEVICES = ["trainer=ddp_spawn", "trainer.devices=2", "max_micro_batch=32"]  # 2 per step per device
 EVERY = ["callbacks.checkpoint_interval.every_n_train_steps=5"]
 
 
@@ -41,14 +44,16 @@ def checkpoint_step(ckpt) -> int | None:
         return None
 
 
-def kill_inside_second_epoch(log_dir) -> int | None:
-    """Start run B, SIGKILL it once last.ckpt holds a step inside epoch 1; the step, or None if too late."""
+def kill_inside_second_epoch(args: list[str], log_dir) -> int | None:
+    """Start ``train.py ARGS``, SIGKILL it once last.ckpt holds a step inside epoch 1; that step, or
+    None if the kill came too late."""
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *ARGS, *EVERY],
+        [sys.executable, str(ROOT / "train.py"), *args],
         cwd=ROOT,
         env={**os.environ, "SGD_LOG_DIR": str(log_dir)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the DDP workers it spawns die with it
     )
     deadline = time.time() + 300
     try:
@@ -59,7 +64,7 @@ def kill_inside_second_epoch(log_dir) -> int | None:
                 break
             time.sleep(0.01)
     finally:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     (ckpt,) = log_dir.rglob("checkpoints/last.ckpt")
     step = checkpoint_step(ckpt)
@@ -70,21 +75,28 @@ def per_epoch(rec: dict, key: str) -> list[float]:
     return [row[key] for row in rec["history"] if key in row]
 
 
-def test_killed_mid_epoch_then_rerun_ends_on_the_uninterrupted_weights(tmp_path):
-    run_train([*ARGS], tmp_path / "a")
-    (rec_a,) = records(tmp_path / "a").values()
-    final_a = torch.load(next((tmp_path / "a").rglob("last.ckpt")), weights_only=False)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    log_a = tmp_path_factory.mktemp("a")
+    run_train([*ARGS, *ONE_DEVICE], log_a)
+    (rec_a,) = records(log_a).values()
+    return rec_a, torch.load(next(log_a.rglob("last.ckpt")), weights_only=False)
 
+
+@pytest.mark.parametrize("devices", [ONE_DEVICE, TWO_DEVICES], ids=["one_device", "two_devices"])
+def test_killed_mid_epoch_then_rerun_ends_on_the_uninterrupted_weights(tmp_path, uninterrupted, devices):
+    rec_a, final_a = uninterrupted
+    args = [*ARGS, *devices, *EVERY]
     for attempt in range(3):  # the kill races the training: a late one is tried again in a new directory
         log_b = tmp_path / f"b{attempt}"
-        killed_at = kill_inside_second_epoch(log_b)
+        killed_at = kill_inside_second_epoch(args, log_b)
         if killed_at is not None:
             break
     assert killed_at is not None, "never killed inside the second epoch"
     (rec,) = records(log_b).values()
     assert rec["status"] == "running" and STEPS_PER_EPOCH < killed_at < 2 * STEPS_PER_EPOCH
 
-    out = run_train([*ARGS, *EVERY], log_b)  # the same command: resumes from last.ckpt
+    out = run_train(args, log_b)  # the same command: resumes from last.ckpt
     assert "resuming from" in out.stdout
     (rec_b,) = records(log_b).values()
     assert rec_b["status"] == "completed" and rec_b["resumed_from"].endswith("last.ckpt")
