@@ -19,7 +19,7 @@ import dataclasses
 import importlib.util
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytorch_lightning as pl
@@ -302,13 +302,20 @@ class ResumableLoader(DataLoader):
     Lightning saves the ``state_dict()`` of every training loader that has ``state_dict`` and
     ``load_state_dict`` (``lightning_fabric``'s ``_Stateful``) in its checkpoints
     (``loops.fit_loop.state_dict.combined_loader``), and hands it back to :meth:`load_state_dict`
-    when it resumes from a checkpoint taken inside an epoch. The state is the epoch and the number
-    of batches this loader has handed to training in it (counted here, not in the sampler, which
-    DataLoader workers read ahead), with the sampler's :meth:`GlobalBatchSampler.layout`. The first
-    iteration after loading starts right after those batches, so a resumed run trains on exactly
-    the batches an uninterrupted run would have; the epoch's length stays the full length, as
-    Lightning counts the batches already done itself. A position from the end of an epoch is left
-    alone: the next epoch starts from its first batch whatever the layout.
+    when it resumes from a checkpoint taken inside an epoch (see also
+    :func:`restore_loader_states`). The state is the epoch and the number of batches this loader
+    has handed to training in it (counted here, not in the sampler, which DataLoader workers read
+    ahead), with the sampler's :meth:`GlobalBatchSampler.layout`. The first iteration after
+    loading, if it is in that epoch, starts right after those batches (none, if the epoch was
+    done), so a resumed run trains on exactly the batches an uninterrupted run would have; the
+    epoch's length stays the full length, as Lightning counts the batches already done itself.
+    In a later epoch the position is ignored.
+
+    ``epoch_of``: where the epoch comes from at the start of each iteration (the datamodule
+    passes ``trainer.current_epoch``); else the sampler's, which Lightning sets from its
+    ``epoch_progress.processed``: that runs one ahead of ``current_epoch`` once a run with
+    ``max_steps`` has resumed from an epoch-end checkpoint, which would shift every later epoch
+    to the next epoch's permutation.
 
     Resuming inside an epoch needs the same layout (device count, micro-batch, global batch,
     seed, data): Lightning's own counters are in micro-batches of the interrupted run. A checkpoint
@@ -319,8 +326,9 @@ class ResumableLoader(DataLoader):
 
     batch_sampler: GlobalBatchSampler
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, epoch_of: Callable[[], int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.epoch_of = epoch_of
         if not isinstance(self.batch_sampler, GlobalBatchSampler):
             raise TypeError("ResumableLoader needs batch_sampler=GlobalBatchSampler(...)")
         self._epoch: int | None = None  # of the latest iteration; None: not iterated yet
@@ -350,15 +358,16 @@ class ResumableLoader(DataLoader):
 
     def _epoch_batches(self) -> Iterator:
         sampler = self.batch_sampler
-        skip, resume, self._resume = 0, self._resume, None
-        if resume is not None and 0 < resume["batches"] < resume["length"]:
-            if resume["epoch"] != sampler.epoch:
-                raise RuntimeError(
-                    f"resuming inside epoch {resume['epoch']} of the loader, but training resumes in "
-                    f"epoch {sampler.epoch}"
-                )
-            skip = resume["batches"]
-        self._epoch, self._done, self._length = sampler.epoch, skip, len(sampler)
+        if self.epoch_of is not None:
+            sampler.set_epoch(self.epoch_of())
+        epoch, skip, resume, self._resume = sampler.epoch, 0, self._resume, None
+        if resume is not None and resume["epoch"] == epoch:
+            skip = len(sampler) if resume["batches"] >= resume["length"] else resume["batches"]
+        elif resume is not None and 0 < resume["batches"] < resume["length"]:
+            raise RuntimeError(
+                f"resuming inside epoch {resume['epoch']} of the loader, but training resumes in epoch {epoch}"
+            )
+        self._epoch, self._done, self._length = epoch, skip, len(sampler)
         sampler.skip_next(skip)
         for batch in super().__iter__():
             self._done += 1
@@ -462,6 +471,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.setup()
         return self.splits["train_clean" if split == "train" else split]
 
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch
+
     def _rank_world(self) -> tuple[int, int]:
         t = self.trainer
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
@@ -482,6 +494,7 @@ class ImageDataModule(pl.LightningDataModule):
             batch_sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            epoch_of=self._current_epoch if self.trainer is not None else None,
         )
 
     def _eval_loader(self, split: str) -> DataLoader:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import TensorDataset
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.mid_epoch_checkpoint import MidEpochCheckpoint
 from lifecycle.build import build_callbacks
@@ -59,24 +60,35 @@ class CrashAtStep(pl.Callback):
             raise Killed  # stands for a kill: no checkpoint is written on the way out
 
 
-def fit(callbacks, ckpt_path=None, record: OrderSensitive | None = None) -> OrderSensitive:
+class WithValidation(OrderSensitive):
+    def validation_step(self, batch, batch_idx):
+        self.log("val/w", self.w.sum())
+
+
+def fit(
+    callbacks, ckpt_path=None, record: OrderSensitive | None = None, val: bool = False, **limits
+) -> OrderSensitive:
     torch.manual_seed(0)
-    module = record or OrderSensitive()
-    loader = ResumableLoader(
-        TensorDataset(torch.arange(N)), batch_sampler=GlobalBatchSampler(N, BATCH, MICRO, 0, 1, seed=1)
-    )
+    module = record or (WithValidation() if val else OrderSensitive())
     trainer = pl.Trainer(
         accelerator="cpu",
-        max_epochs=2,
+        **(limits or {"max_epochs": 2}),
         accumulate_grad_batches=BATCH // MICRO,
         callbacks=callbacks,
-        enable_checkpointing=any(isinstance(c, MidEpochCheckpoint) for c in callbacks),
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        num_sanity_val_steps=0,
         use_distributed_sampler=False,
     )
-    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    loader = ResumableLoader(  # as ImageDataModule.train_dataloader makes it
+        TensorDataset(torch.arange(N)),
+        batch_sampler=GlobalBatchSampler(N, BATCH, MICRO, 0, 1, seed=1),
+        epoch_of=lambda: trainer.current_epoch,
+    )
+    val_loader = DataLoader(TensorDataset(torch.arange(4))) if val else None
+    trainer.fit(module, loader, val_loader, ckpt_path=ckpt_path)
     return module
 
 
@@ -97,6 +109,29 @@ def test_resumed_from_a_mid_epoch_checkpoint_ends_on_the_uninterrupted_weights(t
     assert torch.equal(resumed.w.detach(), full.w.detach())
     # after the resume at step 6 with accumulation, no save between the micro-batches of a step
     assert resumed.saves == [(9, 8)] and all(ready % 2 == 0 for _, ready in crashed.saves + resumed.saves)
+
+
+@pytest.mark.parametrize("val", [True, False], ids=["with_validation", "without_validation"])
+def test_a_max_steps_run_resumed_from_an_epoch_end_checkpoint_ends_on_the_uninterrupted_weights(
+    tmp_path, val
+):
+    # with max_steps, Lightning restarts the finished epoch and its set_epoch runs one epoch
+    # ahead afterwards; without validation it even fetches one more batch of the finished epoch
+    limits = {"max_epochs": -1, "max_steps": 13}
+    full = fit([], val=val, **limits)
+
+    def callbacks():
+        epoch_end = ModelCheckpoint(
+            dirpath=tmp_path, filename="last", enable_version_counter=False, save_on_train_epoch_end=True
+        )
+        return [epoch_end, MidEpochCheckpoint(dirpath=str(tmp_path), every_n_train_steps=3)]
+
+    with pytest.raises(Killed):
+        fit([*callbacks(), CrashAtStep(6)], val=val, **limits)  # before the save at step 6
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == STEPS_PER_EPOCH
+    resumed = fit(callbacks(), ckpt_path=tmp_path / "last.ckpt", val=val, **limits)
+    assert resumed.seen == full.seen[2 * STEPS_PER_EPOCH :] and len(resumed.seen) == 2 * 8
+    assert torch.equal(resumed.w.detach(), full.w.detach())
 
 
 def test_time_based_saves_follow_optimizer_steps_and_skip_the_epoch_end(tmp_path):

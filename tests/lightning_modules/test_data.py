@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -175,6 +176,28 @@ def test_loader_refuses_a_mid_epoch_position_of_another_layout_but_not_an_epoch_
     stale.batch_sampler.set_epoch(2)
     with pytest.raises(RuntimeError, match="epoch 1"):
         next(iter(stale))
+
+
+def test_a_finished_epoch_position_yields_nothing_more_of_that_epoch():
+    loader = _loader(100, 16, 8, 0, 1, epoch=1)
+    list(loader)
+    done = loader.state_dict()
+    assert done["batches"] == done["length"] == 13
+    again = _loader(100, 16, 8, 0, 1, epoch=1)  # Lightning may ask for one more batch of it
+    again.load_state_dict(done)
+    assert _indices(again) == []
+    assert _indices(again) == _indices(_loader(100, 16, 8, 0, 1, epoch=1))  # loaded once
+
+
+def test_datamodule_loader_takes_its_epoch_from_the_trainer():
+    dm = ImageDataModule("mnist5k", batch_size=500)
+    dm.setup()
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=3)
+    loader = dm.train_dataloader()
+    loader.batch_sampler.set_epoch(4)  # Lightning's epoch_progress.processed can run one ahead
+    expected = GlobalBatchSampler(4000, 500, 500, 0, 1, seed=0)
+    expected.set_epoch(3)
+    assert [y.tolist() for _, y in loader] == [dm.splits["train"].targets[b].tolist() for b in expected]
 
 
 def test_augmentation_only_on_training_batches():
