@@ -22,6 +22,7 @@ import torchmetrics
 from torch import nn
 
 from lightning_modules.config import AdversarialTraining, SGDConfig
+from lightning_modules.data import restore_loader_states
 from measures.attacks import AttackSpec, adversarial_examples
 
 
@@ -93,6 +94,13 @@ class SGDClassifier(pl.LightningModule):
         )
         self.eval_names = ("val", "test", "train_eval")
 
+    def setup(self, stage: str) -> None:
+        # Lightning restores a checkpoint's weights before its precision plugin converts the
+        # module (Trainer._run): a "64-true" run resumed into float32 parameters would lose its
+        # weights' low bits, so the module is made float64 first.
+        if str(self.trainer.precision).startswith("64"):
+            self.double()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
@@ -134,6 +142,9 @@ class SGDClassifier(pl.LightningModule):
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
+    def on_train_start(self) -> None:
+        restore_loader_states(self.trainer)  # resumed inside an epoch: at the exact batch
+
     def on_train_epoch_end(self) -> None:
         opt = self.optimizers()
         group = (opt.optimizer if hasattr(opt, "optimizer") else opt).param_groups[0]
@@ -151,6 +162,19 @@ class SGDClassifier(pl.LightningModule):
                 "opt/micro_batch": float(self.micro_batch),
             },
         )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # this epoch's running sums over all ranks (every rank saves; a collective on a copy), so a
+        # run resumed inside the epoch reports train/loss and train/acc over the whole epoch
+        checkpoint["train_sums"] = self.trainer.strategy.reduce(
+            self.train_sums.clone(), reduce_op="sum"
+        ).cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        sums = checkpoint.get("train_sums")
+        trainer = self._trainer
+        if sums is not None and (trainer is None or trainer.global_rank == 0):
+            self.train_sums = sums.to(self.train_sums)  # the other ranks start from zero
 
     # ---- evaluation: dataloader 0 = val, 1 = test, 2 = train_eval ----------------------------
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):

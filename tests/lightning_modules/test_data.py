@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
+from types import SimpleNamespace
+
 import pytest
+import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_modules.data import (
     DataUnavailable,
     GlobalBatchSampler,
     ImageDataModule,
     ImageTensorDataset,
+    ResumableLoader,
     load_mnist5k,
     load_torchvision,
 )
@@ -54,6 +60,144 @@ def test_ranks_together_see_exactly_the_one_device_global_batches(n, batch, worl
     s.set_epoch(1)
     assert list(s) != one  # reshuffled each epoch
     assert len(per_rank[0]) == len(list(GlobalBatchSampler(n, batch, micro, 0, world, seed=3)))
+
+
+def test_batches_are_the_documented_permutation_of_seed_and_epoch():
+    n, batch, seed = 50, 8, 3
+    s = GlobalBatchSampler(n, batch, batch, 0, 1, seed=seed)
+    for epoch in (0, 4):
+        s.set_epoch(epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        assert list(s) == [b.tolist() for b in perm.split(batch)]
+
+
+class _RecordBatches(pl.LightningModule):
+    """A one-weight model that records the sample indices (the dataset's values) of every batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        self.seen: list[tuple[int, list[int]]] = []
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        self.seen.append((self.current_epoch, x.long().tolist()))
+        return (self.w * x.double()).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _trainer(**kwargs) -> pl.Trainer:
+    quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    return pl.Trainer(accelerator="cpu", devices=1, use_distributed_sampler=False, **quiet, **kwargs)
+
+
+def test_lightning_hands_the_epoch_to_the_sampler():
+    # Lightning calls set_epoch on loader.sampler and loader.batch_sampler.sampler only
+    n, batch = 12, 4
+    loader = DataLoader(
+        TensorDataset(torch.arange(n)), batch_sampler=GlobalBatchSampler(n, batch, batch, 0, 1, 0)
+    )
+    module = _RecordBatches()
+    _trainer(max_epochs=3, enable_checkpointing=False).fit(module, loader)
+    per_epoch = [[b for e, b in module.seen if e == epoch] for epoch in range(3)]
+    for epoch, batches in enumerate(per_epoch):
+        s = GlobalBatchSampler(n, batch, batch, 0, 1, 0)
+        s.set_epoch(epoch)
+        assert batches == list(s), epoch
+    assert per_epoch[0] != per_epoch[1] != per_epoch[2]
+
+
+def _loader(n, batch, micro, rank, world, epoch, num_workers=0) -> ResumableLoader:
+    loader = ResumableLoader(
+        TensorDataset(torch.arange(n)),
+        batch_sampler=GlobalBatchSampler(n, batch, micro, rank, world, seed=5),
+        num_workers=num_workers,
+    )
+    loader.batch_sampler.set_epoch(epoch)
+    return loader
+
+
+def _indices(batches) -> list[list[int]]:
+    return [x.tolist() for (x,) in batches]
+
+
+@pytest.mark.parametrize(
+    "n,batch,micro,world,k,num_workers",
+    [
+        (100, 16, 16, 1, 3, 0),  # one device
+        (100, 16, 8, 1, 4, 0),  # micro-batches: 2 per optimizer step
+        (100, 16, 4, 2, 6, 0),  # two ranks, 2 micro-batches each per step
+        (100, 16, 4, 2, 6, 1),  # with a worker, which reads the sampler ahead
+    ],
+)
+def test_loader_state_resumes_at_the_exact_batch(n, batch, micro, world, k, num_workers):
+    for rank in range(world):
+        full = _indices(_loader(n, batch, micro, rank, world, epoch=2))
+        interrupted = _loader(n, batch, micro, 0, world, epoch=2, num_workers=num_workers)
+        first = _indices(itertools.islice(iter(interrupted), k))
+        state = interrupted.state_dict()  # Lightning saves rank 0's and loads it on every rank
+        assert first == _indices(_loader(n, batch, micro, 0, world, epoch=2))[:k]
+        assert state["epoch"] == 2 and state["batches"] == k and state["length"] == len(full)
+
+        resumed = _loader(n, batch, micro, rank, world, epoch=0, num_workers=num_workers)
+        resumed.load_state_dict(state)
+        resumed.batch_sampler.set_epoch(2)  # as Lightning does before iterating
+        assert len(resumed) == len(full)  # Lightning counts the k batches done itself
+        rest = _indices(resumed)
+        assert rest == full[k:] and len(rest) < len(full)
+        assert resumed.state_dict()["batches"] == len(full)
+        resumed.batch_sampler.set_epoch(3)  # the next epoch starts from its first batch
+        assert _indices(resumed) == _indices(_loader(n, batch, micro, rank, world, epoch=3))
+
+
+def test_loader_refuses_a_mid_epoch_position_of_another_layout_but_not_an_epoch_end():
+    loader = _loader(100, 16, 8, 0, 1, epoch=1)
+    assert loader.state_dict()["batches"] == 0 and loader.state_dict()["epoch"] == 1
+    list(itertools.islice(iter(loader), 3))
+    mid = loader.state_dict()
+    assert (mid["epoch"], mid["batches"], mid["length"]) == (
+        1,
+        3,
+        13,
+    )  # 6 full global batches of 2 micro-batches, then 4 samples
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        _loader(100, 16, 16, 0, 1, epoch=1).load_state_dict(mid)
+    with pytest.raises(ValueError, match="world"):
+        _loader(100, 16, 8, 0, 2, epoch=1).load_state_dict(mid)
+    ended = {**mid, "batches": mid["length"]}
+    other = _loader(100, 16, 16, 0, 1, epoch=0)
+    other.load_state_dict(ended)
+    other.batch_sampler.set_epoch(2)
+    assert _indices(other) == _indices(_loader(100, 16, 16, 0, 1, epoch=2))
+    stale = _loader(100, 16, 8, 0, 1, epoch=0)
+    stale.load_state_dict(mid)  # a position inside epoch 1, but training goes on in epoch 2
+    stale.batch_sampler.set_epoch(2)
+    with pytest.raises(RuntimeError, match="epoch 1"):
+        next(iter(stale))
+
+
+def test_a_finished_epoch_position_yields_nothing_more_of_that_epoch():
+    loader = _loader(100, 16, 8, 0, 1, epoch=1)
+    list(loader)
+    done = loader.state_dict()
+    assert done["batches"] == done["length"] == 13
+    again = _loader(100, 16, 8, 0, 1, epoch=1)  # Lightning may ask for one more batch of it
+    again.load_state_dict(done)
+    assert _indices(again) == []
+    assert _indices(again) == _indices(_loader(100, 16, 8, 0, 1, epoch=1))  # loaded once
+
+
+def test_datamodule_loader_takes_its_epoch_from_the_trainer():
+    dm = ImageDataModule("mnist5k", batch_size=500)
+    dm.setup()
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=3)
+    loader = dm.train_dataloader()
+    loader.batch_sampler.set_epoch(4)  # Lightning's epoch_progress.processed can run one ahead
+    expected = GlobalBatchSampler(4000, 500, 500, 0, 1, seed=0)
+    expected.set_epoch(3)
+    assert [y.tolist() for _, y in loader] == [dm.splits["train"].targets[b].tolist() for b in expected]
 
 
 def test_augmentation_only_on_training_batches():
