@@ -18,7 +18,11 @@ class MidEpochCheckpoint(ModelCheckpoint):
     micro-batches of one step, whose summed gradient a checkpoint does not hold) and never at an
     epoch's last batch (Lightning would resume from it past that epoch's validation and
     epoch-end measurements; the epoch-end checkpoint comes right after them). A time-based save
-    that falls elsewhere waits for the next step that qualifies. The training loader
+    that falls elsewhere waits for the next step that qualifies. On SIGTERM (a scheduler's
+    preemption) it writes one at once if the signal arrived on such a step boundary in a
+    one-process run, so the interrupted epoch's progress is kept (on several processes the ranks
+    have not yet agreed to stop there; the last regular checkpoint is the resume point). The
+    training loader
     (:class:`lightning_modules.data.ResumableLoader`) is in the checkpoint too, so a run resumed
     from it trains on exactly the batches an uninterrupted run would have.
 
@@ -84,4 +88,7 @@ class MidEpochCheckpoint(ModelCheckpoint):
         stepped = trainer.global_step != self._step_at_batch_start
         last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
         if stepped and not last_of_epoch:
+            if trainer.received_sigterm and trainer.world_size == 1:
+                trainer.save_checkpoint(f"{self.dirpath}/{self.filename}{self.FILE_EXTENSION}")
+                return
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

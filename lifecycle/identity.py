@@ -47,6 +47,7 @@ NOT_TRAINING = (
     "trainer.log_every_n_steps",
     "callbacks.checkpoint",
     "callbacks.checkpoint_last",
+    "callbacks.checkpoint_interval",
 )
 """Config keys (and their subtrees) that do not change what is trained."""
 

@@ -72,6 +72,8 @@ def test_signal_mid_epoch_is_recorded_and_the_same_command_resumes_to_the_uninte
     assert "resuming from" in again.stdout
     job, rec = only_record(tmp_path)
     assert rec["status"] == "completed" and len(rec["segments"]) == 2
+    # SIGTERM (preemption) writes a checkpoint at the step it arrived; Ctrl-C resumes from the epoch end
+    assert rec["segments"][1]["from_step"] == {"SIGTERM": 40, "SIGINT": 32}[sig]
     assert comparable(rec["final"]) == comparable(reference["final"])
     assert_one_run(rec, job)
 
