@@ -33,7 +33,7 @@ torchattacks' ``clamp(x + clamp(adv - x, -eps, eps), 0, 1)`` up to float roundin
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -121,7 +121,7 @@ def _flat_norm(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
-def _linf_box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _linf_box(x: torch.Tensor, eps: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Bounds of the L∞ ball around ``x`` intersected with [0, 1]."""
     return (x - eps).clamp_(min=0), (x + eps).clamp_(max=1)
 
@@ -130,17 +130,18 @@ def _pgd_step(
     adv: torch.Tensor,
     grad: torch.Tensor,
     x: torch.Tensor,
-    eps: float,
-    alpha: float,
+    eps: float | torch.Tensor,
+    alpha: float | torch.Tensor,
     norm: str,
     box: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
-    """One ascent step followed by projection on the eps-ball and on [0, 1]."""
+    """One ascent step followed by projection on the eps-ball and on [0, 1] (eps, alpha: numbers or per row)."""
     if norm == "linf":
         return (adv + alpha * grad.sign()).clamp_(box[0], box[1])
     grad = grad / (_flat_norm(grad) + L2_DIVISION_EPS)
     delta = adv + alpha * grad - x
-    factor = torch.clamp(eps / _flat_norm(delta), max=1.0)  # eps / 0 = inf -> 1
+    # = eps / norm for a number eps (torch computes it so), bit for bit the same with one eps per row
+    factor = torch.clamp(_flat_norm(delta).reciprocal() * eps, max=1.0)  # eps / 0 = inf -> 1
     return (x + delta * factor).clamp_(0, 1)
 
 
@@ -308,9 +309,61 @@ def adversarial_examples(
 # --------------------------------------------------------------------------- robust accuracy
 
 
+@dataclass
+class AttackWork:
+    """The model work of a robust-accuracy evaluation, counted per sample.
+
+    ``gradients``: forward + backward passes through the model (one per attacked sample and
+    attack step: samples x steps); ``forwards``: forward-only passes (clean predictions, FGSM's
+    check, PGD's last iterate). Both are sums over samples, so they do not depend on batching or
+    on the split across ranks.
+    """
+
+    gradients: int = 0
+    forwards: int = 0
+
+    @property
+    def passes(self) -> int:
+        """All passes through the model (a backward pass is not counted apart)."""
+        return self.gradients + self.forwards
+
+
+ProgressFn = Callable[[int, "int | None", str], None]
+
+
+def attack_family(spec: AttackSpec) -> tuple:
+    """What ``spec`` shares with the other eps of its family: everything but eps."""
+    return (spec.name, spec.norm, spec.steps, spec.step_size, spec.random_start, spec.tag)
+
+
+def worst_case_key(norm: str, eps: float) -> str:
+    """Key of the worst case over the attack families of one norm, e.g. ``"worst_linf_eps0.1"``."""
+    return f"worst_{norm}_eps{eps:.4g}"
+
+
+def worst_case_keys(attacks: Sequence[AttackSpec]) -> dict[str, tuple[str, float]]:
+    """``{key: (norm, eps)}`` of the worst-case counts: for every norm with two or more families."""
+    families: dict[str, set] = {}
+    for spec in attacks:
+        families.setdefault(spec.norm, set()).add(attack_family(spec))
+    return {
+        worst_case_key(norm, eps): (norm, eps)
+        for norm in NORMS
+        if len(families.get(norm, ())) > 1
+        for eps in sorted({s.eps for s in attacks if s.norm == norm})
+    }
+
+
 @torch.no_grad()
-def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _predict(model: nn.Module, x: torch.Tensor, work: AttackWork) -> torch.Tensor:
+    work.forwards += len(x)
     return model(x).argmax(dim=1)
+
+
+def _column(values: Sequence[float], rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``values[rows]`` as a tensor shaped to broadcast against ``like`` (one number per row)."""
+    t = torch.tensor(values, dtype=like.dtype, device=like.device)[rows]
+    return t.view(-1, *([1] * (like.dim() - 1)))
 
 
 def _pgd_broken_any_iterate(
@@ -318,20 +371,29 @@ def _pgd_broken_any_iterate(
     x: torch.Tensor,
     y: torch.Tensor,
     start: torch.Tensor,
-    eps: float,
-    alpha: float,
+    eps: float | torch.Tensor,
+    alpha: float | torch.Tensor,
     steps: int,
     norm: str,
+    work: AttackWork,
+    nest: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Which samples are misclassified at ANY PGD iterate (start, step 1, ..., step ``steps``).
+    """Which rows are misclassified at ANY PGD iterate (start, step 1, ..., step ``steps``).
 
-    A sample leaves the batch as soon as one iterate fools the model; the others keep
-    iterating exactly as they would in the full batch (eval mode: samples are independent).
-    Each iterate's logits serve both the check and the next gradient.
+    A row leaves the batch as soon as one iterate fools the model; the others keep iterating
+    exactly as they would in any other batch (eval mode: rows are independent). Each iterate's
+    logits serve both the check and the next gradient. ``eps``/``alpha`` are numbers or one
+    value per row (several eps in one batch). ``nest = (sample, level)``, one pair per row: when
+    a row is fooled, every row of the same sample at a level >= its level is broken too and
+    leaves the batch (nested eps: its adversarial example lies in the larger balls).
     """
     broken = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     active = torch.arange(len(x), device=x.device)
     box = _linf_box(x, eps) if norm == "linf" else None
+    if nest is not None:
+        sample, level = nest
+        n_levels = int(level.max()) + 1 if len(level) else 1
+        fooled_from = torch.full((int(sample.max()) + 1 if len(sample) else 0,), n_levels, device=x.device)
     adv = start.detach()
     for k in range(steps + 1):
         last = k == steps
@@ -339,15 +401,22 @@ def _pgd_broken_any_iterate(
             adv.requires_grad_(not last)
             logits = model(adv)
         fooled = logits.argmax(dim=1) != y
+        if nest is not None and bool(fooled.any()):
+            s, lv = sample[active[fooled]], level[active[fooled]]
+            fooled_from.scatter_reduce_(0, s, lv, reduce="amin")
+            fooled = level[active] >= fooled_from[sample[active]]
         if bool(fooled.any()):
             broken[active[fooled]] = True
             keep = ~fooled
             active, x, y = active[keep], x[keep], y[keep]
             box = None if box is None else (box[0][keep], box[1][keep])
+            eps, alpha = (t[keep] if isinstance(t, torch.Tensor) else t for t in (eps, alpha))
         else:
             keep = None
         if last or len(active) == 0:
+            work.forwards += len(logits)
             break
+        work.gradients += len(logits)
         logits = logits if keep is None else logits[keep]
         (grad,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), adv)
         adv = adv.detach()
@@ -357,6 +426,179 @@ def _pgd_broken_any_iterate(
     return broken
 
 
+class _Family:
+    """The robust masks of one attack family (same attack but eps) on one batch."""
+
+    def __init__(self, model, x, y, specs, base, unit, *, early_exit, nested, stack_eps, work):
+        self.model, self.x, self.y, self.specs, self.base, self.unit = model, x, y, specs, base, unit
+        self.early_exit, self.nested, self.stack_eps, self.work = early_exit, nested, stack_eps, work
+        self.n = len(x)
+
+    def masks(self, clean_ok: torch.Tensor, on_spec) -> list[torch.Tensor]:
+        """Robust mask per spec (specs sorted by eps), eps 0 being clean."""
+        spec0 = self.specs[0]
+        stack = self.stack_eps and (spec0.name == "fgsm" or self.early_exit)
+        if spec0.name == "fgsm":
+            base_rows = self.base.nonzero().squeeze(1)
+            self._sign = torch.zeros_like(self.x)
+            if len(base_rows) and any(s.eps > 0 for s in self.specs):
+                self.work.gradients += len(base_rows)
+                self._sign[base_rows] = _input_gradient(
+                    self.model, self.x[base_rows], self.y[base_rows]
+                ).sign()
+        out: list[torch.Tensor] = []
+        if stack:
+            positive = [s for s in self.specs if s.eps > 0]
+            broken = self._broken_stacked(positive)
+            it = iter(range(len(positive)))
+            for spec in self.specs:
+                ok = clean_ok.clone() if spec.eps == 0 else self.base & ~broken[next(it)]
+                out.append(ok)
+            if self.nested:  # nested levels only grow by construction; AND makes the clean level explicit
+                for i in range(1, len(out)):
+                    out[i] &= out[i - 1]
+            for spec, ok in zip(self.specs, out, strict=True):
+                on_spec(spec, ok)
+            return out
+        alive = self.base
+        for spec in self.specs:
+            if spec.eps == 0:
+                ok = clean_ok.clone()
+            else:
+                rows = (alive if self.nested else self.base).nonzero().squeeze(1)
+                ok = torch.zeros(self.n, dtype=torch.bool, device=self.x.device)
+                if len(rows):
+                    ok[rows] = self._robust_rows(spec, rows)
+            if self.nested:
+                ok &= alive
+                alive = ok
+            out.append(ok)
+            on_spec(spec, ok)
+        return out
+
+    def _start(self, spec_eps, rows: torch.Tensor, spec: AttackSpec) -> torch.Tensor:
+        xs = self.x[rows]
+        if not spec.random_start:
+            return xs
+        return (xs + spec_eps * self.unit[rows]).clamp_(0, 1)
+
+    def _robust_rows(self, spec: AttackSpec, rows: torch.Tensor) -> torch.Tensor:
+        """One eps: which of ``rows`` stay correct under the attack."""
+        xs, ys = self.x[rows], self.y[rows]
+        if spec.name == "fgsm":
+            adv = (xs + spec.eps * self._sign[rows]).clamp_(0, 1)
+            return _predict(self.model, adv, self.work) == ys
+        start = self._start(spec.eps, rows, spec)
+        if self.early_exit:
+            broken = _pgd_broken_any_iterate(
+                self.model, xs, ys, start, spec.eps, spec.alpha, spec.steps, spec.norm, self.work
+            )
+            return ~broken
+        self.work.gradients += len(rows) * spec.steps
+        adv = _pgd_from(self.model, xs, ys, start, spec.eps, spec.alpha, spec.steps, spec.norm)
+        return _predict(self.model, adv, self.work) == ys
+
+    def _broken_stacked(self, specs: list[AttackSpec]) -> torch.Tensor:
+        """All eps > 0 in one batch: broken[level, sample] (rows of samples outside base: broken)."""
+        broken = torch.ones(len(specs), self.n, dtype=torch.bool, device=self.x.device)
+        base_rows = self.base.nonzero().squeeze(1)
+        if not specs or not len(base_rows):
+            return broken
+        n_levels = len(specs)
+        sample = base_rows.repeat(n_levels)
+        level = torch.arange(n_levels, device=self.x.device).repeat_interleave(len(base_rows))
+        xs, ys = self.x[sample], self.y[sample]
+        eps = _column([s.eps for s in specs], level, xs)
+        spec0 = specs[0]
+        if spec0.name == "fgsm":
+            adv = (xs + eps * self._sign[sample]).clamp_(0, 1)
+            rows_broken = _predict(self.model, adv, self.work) != ys
+        else:
+            alpha = _column([s.alpha for s in specs], level, xs)
+            start = self._start(eps, sample, spec0)
+            nest = (sample, level) if self.nested else None
+            rows_broken = _pgd_broken_any_iterate(
+                self.model, xs, ys, start, eps, alpha, spec0.steps, spec0.norm, self.work, nest
+            )
+        broken[level, sample] = rows_broken
+        return broken
+
+
+def _batch_masks(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    idx: torch.Tensor,
+    attacks: Sequence[AttackSpec],
+    *,
+    seed: int,
+    early_exit: bool,
+    nested: bool,
+    stack_eps: bool,
+    work: AttackWork,
+    on_spec=lambda spec, ok: None,
+) -> dict[str, torch.Tensor]:
+    """Robust masks of one batch (the model's state is handled by the callers)."""
+    clean_ok = _predict(model, x, work) == y
+    # Nested: clean is eps 0, so a sample wrong at clean is broken at every eps.
+    base = clean_ok if (early_exit or nested) else torch.ones_like(clean_ok)
+    masks = {"clean": clean_ok}
+    families: dict[tuple, list[AttackSpec]] = {}
+    for spec in attacks:
+        families.setdefault(attack_family(spec), []).append(spec)
+    units: dict[str, torch.Tensor] = {}
+    for specs in families.values():
+        specs = sorted(specs, key=lambda s: s.eps)
+        norm = specs[0].norm
+        if specs[0].name == "pgd" and specs[0].random_start and norm not in units:
+            units[norm] = per_sample_unit_start(x, idx, seed, norm)
+        family = _Family(
+            model, x, y, specs, base, units.get(norm),
+            early_exit=early_exit, nested=nested, stack_eps=stack_eps, work=work,
+        )  # fmt: skip
+        masks.update(zip((s.key for s in specs), family.masks(clean_ok, on_spec), strict=True))
+    for key, (norm, eps) in worst_case_keys(attacks).items():
+        same = [s for s in attacks if s.norm == norm and (s.eps <= eps if nested else s.eps == eps)]
+        masks[key] = torch.stack([masks[s.key] for s in same]).all(dim=0)
+    return masks
+
+
+def _check_keys(attacks: Sequence[AttackSpec]) -> None:
+    keys = [spec.key for spec in attacks]
+    if len(set(keys)) != len(keys) or "clean" in keys:
+        raise ValueError(f"attack keys must be unique and not 'clean', got {keys}; use AttackSpec.tag")
+
+
+def robust_masks(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    idx: torch.Tensor,
+    attacks: Sequence[AttackSpec],
+    *,
+    seed: int = 0,
+    early_exit: bool = True,
+    nested: bool = True,
+    stack_eps: bool = False,
+    work: AttackWork | None = None,
+) -> dict[str, torch.Tensor]:
+    """Which samples of ``(x, y)`` are robust: ``{"clean": mask, spec.key: mask, ...}``, on this process.
+
+    The per-sample form of :func:`robust_accuracy_counts` (same arguments and keys; the counts
+    are these masks summed over batches and ranks); ``work`` (optional) is increased by this
+    call's work.
+    """
+    _check_keys(attacks)
+    work = AttackWork() if work is None else work
+    device = _model_device(model, x.device)
+    with gradients_enabled(), preserved_module_state(model):
+        x, y = _as_autograd_input(x.to(device)), _as_autograd_input(y.to(device))
+        return _batch_masks(
+            model, x, y, idx.to(device), attacks, seed=seed, early_exit=early_exit, nested=nested,
+            stack_eps=stack_eps, work=work,
+        )  # fmt: skip
+
+
 def robust_accuracy_counts(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -364,7 +606,11 @@ def robust_accuracy_counts(
     *,
     seed: int = 0,
     early_exit: bool = True,
+    nested: bool = True,
+    stack_eps: bool = False,
     process_group: ProcessGroup = None,
+    progress: ProgressFn | None = None,
+    work: AttackWork | None = None,
 ) -> dict[str, tuple[int, int]]:
     """Correct/total counts at clean and under every attack, over all ``batches`` in one pass.
 
@@ -373,7 +619,9 @@ def robust_accuracy_counts(
     depend on batching or on the split across ranks. The counts are summed over the ranks of
     ``process_group`` (see :mod:`measures.distributed`; one all-reduce, run by every rank even
     with no batches), and every rank returns the same numbers. Returns ``{"clean": (correct, total),
-    spec.key: (correct, total), ...}``. An attack with eps = 0 is reported as clean.
+    spec.key: (correct, total), ...}``, and for every norm attacked by two or more attack families
+    (e.g. FGSM and PGD L∞) ``worst_case_key(norm, eps)``: robust to all of them. An attack with
+    eps = 0 is reported as clean.
 
     ``early_exit=True``: a sample counts as robust only if it is correct at clean and at
     every attack iterate (as AutoAttack counts); samples misclassified at clean are not
@@ -383,50 +631,58 @@ def robust_accuracy_counts(
     <= the full counts for every attack (a sample never fooled on the way is correct at the
     end), typically equal or slightly lower, and cheaper.
 
+    ``nested=True`` (nested eps): a sample broken at some eps is broken at every larger eps of the
+    same attack family (its adversarial example lies in the larger ball too), and one wrong at
+    clean (eps 0) at every eps. The eps of a family are attacked in increasing order, each only on
+    the samples still robust at all smaller eps: a sample's "broken at eps" is the union of what
+    ``nested=False`` (each eps on its own) finds at every eps <= it, so every count is <= the
+    per-eps count, robust accuracy never rises with eps, and the work shrinks as eps grows. The
+    worst case over families is then robust to every attack of the norm at every eps <= eps
+    (``nested=False``: at that eps). Nesting hides the per-eps signal of gradient masking
+    (accuracy rising with eps): check with ``nested=False``.
+
+    ``stack_eps=True``: all eps of a family in one batch (rows of a sample at larger eps leave
+    when a smaller eps breaks it) instead of one batch per eps; same counts, more rows per model
+    call, more per-sample work. FGSM's input gradient is computed once for all eps either way.
+
+    ``progress(done, total, message)`` (optional, on every rank) is called after each attack and
+    eps of each batch (``total`` None when ``batches`` has no length). ``work`` (optional) is
+    increased by the work of all ranks (:class:`AttackWork`).
+
     Call with the model in eval mode (the callback does): in train mode BatchNorm couples the
-    samples of a batch, and neither batching invariance nor the bound above holds.
+    samples of a batch, and neither batching invariance nor the bounds above hold.
     """
-    keys = [spec.key for spec in attacks]
-    if len(set(keys)) != len(keys) or "clean" in keys:
-        raise ValueError(f"attack keys must be unique and not 'clean', got {keys}; use AttackSpec.tag")
+    _check_keys(attacks)
+    keys = ["clean", *(spec.key for spec in attacks), *worst_case_keys(attacks)]
     device = _model_device(model, torch.device("cpu"))
+    total = len(batches) * len(attacks) if hasattr(batches, "__len__") else None
+    done = 0
+    local = AttackWork()
     with gradients_enabled(), preserved_module_state(model):
-        counts = torch.zeros(len(attacks) + 1, 2, dtype=torch.int64, device=device)
-        for x, y, idx in batches:
+        counts = torch.zeros(len(keys) + 1, 2, dtype=torch.int64, device=device)
+        for b, (x, y, idx) in enumerate(batches):
             if len(x) == 0:
+                done += len(attacks)
                 continue
             x, y = _as_autograd_input(x.to(device)), _as_autograd_input(y.to(device))
-            counts[:, 1] += len(x)
-            clean_ok = _predict(model, x) == y
-            counts[0, 0] += clean_ok.sum()
-            unit_starts: dict[str, torch.Tensor] = {}
-            for i, spec in enumerate(attacks, start=1):
-                if spec.eps == 0:
-                    counts[i, 0] += clean_ok.sum()
-                    continue
-                sel = clean_ok.nonzero().squeeze(1) if early_exit else torch.arange(len(x), device=device)
-                if len(sel) == 0:
-                    continue
-                xs, ys = x[sel], y[sel]
-                if spec.name == "fgsm":
-                    grad = _input_gradient(model, xs, ys)
-                    adv = (xs + spec.eps * grad.sign()).clamp_(0, 1)
-                    counts[i, 0] += (_predict(model, adv) == ys).sum()
-                    continue
-                if spec.random_start:
-                    if spec.norm not in unit_starts:
-                        unit_starts[spec.norm] = per_sample_unit_start(x, idx, seed, spec.norm)
-                    start = (xs + spec.eps * unit_starts[spec.norm][sel]).clamp_(0, 1)
-                else:
-                    start = xs
-                if early_exit:
-                    broken = _pgd_broken_any_iterate(
-                        model, xs, ys, start, spec.eps, spec.alpha, spec.steps, spec.norm
-                    )
-                    counts[i, 0] += (~broken).sum()
-                else:
-                    adv = _pgd_from(model, xs, ys, start, spec.eps, spec.alpha, spec.steps, spec.norm)
-                    counts[i, 0] += (_predict(model, adv) == ys).sum()
+            n = len(x)
+
+            def on_spec(spec: AttackSpec, ok: torch.Tensor, n=n, b=b) -> None:
+                nonlocal done
+                done += 1
+                if progress is not None:
+                    progress(done, total, f"batch {b + 1}: {spec.key} {int(ok.sum())}/{n} robust")
+
+            masks = _batch_masks(
+                model, x, y, idx.to(device), attacks, seed=seed, early_exit=early_exit, nested=nested,
+                stack_eps=stack_eps, work=local, on_spec=on_spec,
+            )  # fmt: skip
+            counts[:-1, 1] += len(x)
+            counts[:-1, 0] += torch.stack([masks[k].sum() for k in keys])
+        counts[-1, 0], counts[-1, 1] = local.gradients, local.forwards
         all_reduce_sum(counts, process_group)
     values = counts.cpu().tolist()
-    return {key: (c, n) for key, (c, n) in zip(["clean", *keys], values, strict=True)}
+    if work is not None:
+        work.gradients += values[-1][0]
+        work.forwards += values[-1][1]
+    return {key: (c, n) for key, (c, n) in zip(keys, values[:-1], strict=True)}
