@@ -121,7 +121,7 @@ def _flat_norm(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
-def _linf_box(x: torch.Tensor, eps: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _linf_box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Bounds of the L∞ ball around ``x`` intersected with [0, 1]."""
     return (x - eps).clamp_(min=0), (x + eps).clamp_(max=1)
 
@@ -130,18 +130,17 @@ def _pgd_step(
     adv: torch.Tensor,
     grad: torch.Tensor,
     x: torch.Tensor,
-    eps: float | torch.Tensor,
-    alpha: float | torch.Tensor,
+    eps: float,
+    alpha: float,
     norm: str,
     box: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
-    """One ascent step followed by projection on the eps-ball and on [0, 1] (eps, alpha: numbers or per row)."""
+    """One ascent step followed by projection on the eps-ball and on [0, 1]."""
     if norm == "linf":
         return (adv + alpha * grad.sign()).clamp_(box[0], box[1])
     grad = grad / (_flat_norm(grad) + L2_DIVISION_EPS)
     delta = adv + alpha * grad - x
-    # = eps / norm for a number eps (torch computes it so), bit for bit the same with one eps per row
-    factor = torch.clamp(_flat_norm(delta).reciprocal() * eps, max=1.0)  # eps / 0 = inf -> 1
+    factor = torch.clamp(eps / _flat_norm(delta), max=1.0)  # eps / 0 = inf -> 1
     return (x + delta * factor).clamp_(0, 1)
 
 
@@ -360,40 +359,26 @@ def _predict(model: nn.Module, x: torch.Tensor, work: AttackWork) -> torch.Tenso
     return model(x).argmax(dim=1)
 
 
-def _column(values: Sequence[float], rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``values[rows]`` as a tensor shaped to broadcast against ``like`` (one number per row)."""
-    t = torch.tensor(values, dtype=like.dtype, device=like.device)[rows]
-    return t.view(-1, *([1] * (like.dim() - 1)))
-
-
 def _pgd_broken_any_iterate(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
     start: torch.Tensor,
-    eps: float | torch.Tensor,
-    alpha: float | torch.Tensor,
+    eps: float,
+    alpha: float,
     steps: int,
     norm: str,
     work: AttackWork,
-    nest: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Which rows are misclassified at ANY PGD iterate (start, step 1, ..., step ``steps``).
+    """Which samples are misclassified at ANY PGD iterate (start, step 1, ..., step ``steps``).
 
-    A row leaves the batch as soon as one iterate fools the model; the others keep iterating
-    exactly as they would in any other batch (eval mode: rows are independent). Each iterate's
-    logits serve both the check and the next gradient. ``eps``/``alpha`` are numbers or one
-    value per row (several eps in one batch). ``nest = (sample, level)``, one pair per row: when
-    a row is fooled, every row of the same sample at a level >= its level is broken too and
-    leaves the batch (nested eps: its adversarial example lies in the larger balls).
+    A sample leaves the batch as soon as one iterate fools the model; the others keep
+    iterating exactly as they would in the full batch (eval mode: samples are independent).
+    Each iterate's logits serve both the check and the next gradient.
     """
     broken = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     active = torch.arange(len(x), device=x.device)
     box = _linf_box(x, eps) if norm == "linf" else None
-    if nest is not None:
-        sample, level = nest
-        n_levels = int(level.max()) + 1 if len(level) else 1
-        fooled_from = torch.full((int(sample.max()) + 1 if len(sample) else 0,), n_levels, device=x.device)
     adv = start.detach()
     for k in range(steps + 1):
         last = k == steps
@@ -401,22 +386,17 @@ def _pgd_broken_any_iterate(
             adv.requires_grad_(not last)
             logits = model(adv)
         fooled = logits.argmax(dim=1) != y
-        if nest is not None and bool(fooled.any()):
-            s, lv = sample[active[fooled]], level[active[fooled]]
-            fooled_from.scatter_reduce_(0, s, lv, reduce="amin")
-            fooled = level[active] >= fooled_from[sample[active]]
         if bool(fooled.any()):
             broken[active[fooled]] = True
             keep = ~fooled
             active, x, y = active[keep], x[keep], y[keep]
             box = None if box is None else (box[0][keep], box[1][keep])
-            eps, alpha = (t[keep] if isinstance(t, torch.Tensor) else t for t in (eps, alpha))
         else:
             keep = None
         if last or len(active) == 0:
             work.forwards += len(logits)
             break
-        work.gradients += len(logits)
+        work.gradients += len(logits)  # the backward runs over the whole batch's graph
         logits = logits if keep is None else logits[keep]
         (grad,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), adv)
         adv = adv.detach()
@@ -426,102 +406,65 @@ def _pgd_broken_any_iterate(
     return broken
 
 
-class _Family:
-    """The robust masks of one attack family (same attack but eps) on one batch."""
+def _family_masks(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    specs: list[AttackSpec],
+    clean_ok: torch.Tensor,
+    base: torch.Tensor,
+    unit: torch.Tensor | None,
+    *,
+    early_exit: bool,
+    nested: bool,
+    work: AttackWork,
+    on_spec,
+) -> list[torch.Tensor]:
+    """Robust masks of one attack family (``specs``: the same attack at increasing eps) on one batch.
 
-    def __init__(self, model, x, y, specs, base, unit, *, early_exit, nested, stack_eps, work):
-        self.model, self.x, self.y, self.specs, self.base, self.unit = model, x, y, specs, base, unit
-        self.early_exit, self.nested, self.stack_eps, self.work = early_exit, nested, stack_eps, work
-        self.n = len(x)
-
-    def masks(self, clean_ok: torch.Tensor, on_spec) -> list[torch.Tensor]:
-        """Robust mask per spec (specs sorted by eps), eps 0 being clean."""
-        spec0 = self.specs[0]
-        stack = self.stack_eps and (spec0.name == "fgsm" or self.early_exit)
-        if spec0.name == "fgsm":
-            base_rows = self.base.nonzero().squeeze(1)
-            self._sign = torch.zeros_like(self.x)
-            if len(base_rows) and any(s.eps > 0 for s in self.specs):
-                self.work.gradients += len(base_rows)
-                self._sign[base_rows] = _input_gradient(
-                    self.model, self.x[base_rows], self.y[base_rows]
-                ).sign()
-        out: list[torch.Tensor] = []
-        if stack:
-            positive = [s for s in self.specs if s.eps > 0]
-            broken = self._broken_stacked(positive)
-            it = iter(range(len(positive)))
-            for spec in self.specs:
-                ok = clean_ok.clone() if spec.eps == 0 else self.base & ~broken[next(it)]
-                out.append(ok)
-            if self.nested:  # nested levels only grow by construction; AND makes the clean level explicit
-                for i in range(1, len(out)):
-                    out[i] &= out[i - 1]
-            for spec, ok in zip(self.specs, out, strict=True):
-                on_spec(spec, ok)
-            return out
-        alive = self.base
-        for spec in self.specs:
-            if spec.eps == 0:
-                ok = clean_ok.clone()
-            else:
-                rows = (alive if self.nested else self.base).nonzero().squeeze(1)
-                ok = torch.zeros(self.n, dtype=torch.bool, device=self.x.device)
-                if len(rows):
-                    ok[rows] = self._robust_rows(spec, rows)
-            if self.nested:
-                ok &= alive
-                alive = ok
-            out.append(ok)
-            on_spec(spec, ok)
-        return out
-
-    def _start(self, spec_eps, rows: torch.Tensor, spec: AttackSpec) -> torch.Tensor:
-        xs = self.x[rows]
-        if not spec.random_start:
-            return xs
-        return (xs + spec_eps * self.unit[rows]).clamp_(0, 1)
-
-    def _robust_rows(self, spec: AttackSpec, rows: torch.Tensor) -> torch.Tensor:
-        """One eps: which of ``rows`` stay correct under the attack."""
-        xs, ys = self.x[rows], self.y[rows]
-        if spec.name == "fgsm":
-            adv = (xs + spec.eps * self._sign[rows]).clamp_(0, 1)
-            return _predict(self.model, adv, self.work) == ys
-        start = self._start(spec.eps, rows, spec)
-        if self.early_exit:
-            broken = _pgd_broken_any_iterate(
-                self.model, xs, ys, start, spec.eps, spec.alpha, spec.steps, spec.norm, self.work
-            )
-            return ~broken
-        self.work.gradients += len(rows) * spec.steps
-        adv = _pgd_from(self.model, xs, ys, start, spec.eps, spec.alpha, spec.steps, spec.norm)
-        return _predict(self.model, adv, self.work) == ys
-
-    def _broken_stacked(self, specs: list[AttackSpec]) -> torch.Tensor:
-        """All eps > 0 in one batch: broken[level, sample] (rows of samples outside base: broken)."""
-        broken = torch.ones(len(specs), self.n, dtype=torch.bool, device=self.x.device)
-        base_rows = self.base.nonzero().squeeze(1)
-        if not specs or not len(base_rows):
-            return broken
-        n_levels = len(specs)
-        sample = base_rows.repeat(n_levels)
-        level = torch.arange(n_levels, device=self.x.device).repeat_interleave(len(base_rows))
-        xs, ys = self.x[sample], self.y[sample]
-        eps = _column([s.eps for s in specs], level, xs)
-        spec0 = specs[0]
-        if spec0.name == "fgsm":
-            adv = (xs + eps * self._sign[sample]).clamp_(0, 1)
-            rows_broken = _predict(self.model, adv, self.work) != ys
+    ``base``: the samples attacked at all (clean-correct ones unless ``early_exit=False`` and
+    ``nested=False``). Nested: each eps attacks only the samples still robust at every smaller eps.
+    """
+    fgsm_sign = None
+    if specs[0].name == "fgsm" and any(s.eps > 0 for s in specs):
+        # FGSM's step is eps · sign(∇x loss at x): one gradient serves every eps.
+        fgsm_sign = torch.zeros_like(x)
+        rows = base.nonzero().squeeze(1)
+        if len(rows):
+            work.gradients += len(rows)
+            fgsm_sign[rows] = _input_gradient(model, x[rows], y[rows]).sign()
+    out, alive = [], base
+    for spec in specs:
+        if spec.eps == 0:
+            ok = clean_ok.clone()
         else:
-            alpha = _column([s.alpha for s in specs], level, xs)
-            start = self._start(eps, sample, spec0)
-            nest = (sample, level) if self.nested else None
-            rows_broken = _pgd_broken_any_iterate(
-                self.model, xs, ys, start, eps, alpha, spec0.steps, spec0.norm, self.work, nest
-            )
-        broken[level, sample] = rows_broken
-        return broken
+            rows = (alive if nested else base).nonzero().squeeze(1)
+            ok = torch.zeros_like(clean_ok)
+            if len(rows):
+                ok[rows] = _robust_rows(
+                    model, x[rows], y[rows], spec, fgsm_sign, unit, rows, early_exit, work
+                )
+        if nested:
+            ok &= alive
+            alive = ok
+        out.append(ok)
+        on_spec(spec, ok)
+    return out
+
+
+def _robust_rows(model, xs, ys, spec, fgsm_sign, unit, rows, early_exit, work) -> torch.Tensor:
+    """One attack at one eps on the samples ``rows`` of the batch: which stay correct."""
+    if spec.name == "fgsm":
+        adv = (xs + spec.eps * fgsm_sign[rows]).clamp_(0, 1)
+        return _predict(model, adv, work) == ys
+    start = (xs + spec.eps * unit[rows]).clamp_(0, 1) if spec.random_start else xs
+    if early_exit:
+        return ~_pgd_broken_any_iterate(
+            model, xs, ys, start, spec.eps, spec.alpha, spec.steps, spec.norm, work
+        )
+    work.gradients += len(xs) * spec.steps
+    adv = _pgd_from(model, xs, ys, start, spec.eps, spec.alpha, spec.steps, spec.norm)
+    return _predict(model, adv, work) == ys
 
 
 def _batch_masks(
@@ -534,7 +477,6 @@ def _batch_masks(
     seed: int,
     early_exit: bool,
     nested: bool,
-    stack_eps: bool,
     work: AttackWork,
     on_spec=lambda spec, ok: None,
 ) -> dict[str, torch.Tensor]:
@@ -552,11 +494,11 @@ def _batch_masks(
         norm = specs[0].norm
         if specs[0].name == "pgd" and specs[0].random_start and norm not in units:
             units[norm] = per_sample_unit_start(x, idx, seed, norm)
-        family = _Family(
-            model, x, y, specs, base, units.get(norm),
-            early_exit=early_exit, nested=nested, stack_eps=stack_eps, work=work,
+        family = _family_masks(
+            model, x, y, specs, clean_ok, base, units.get(norm),
+            early_exit=early_exit, nested=nested, work=work, on_spec=on_spec,
         )  # fmt: skip
-        masks.update(zip((s.key for s in specs), family.masks(clean_ok, on_spec), strict=True))
+        masks.update(zip((s.key for s in specs), family, strict=True))
     for key, (norm, eps) in worst_case_keys(attacks).items():
         same = [s for s in attacks if s.norm == norm and (s.eps <= eps if nested else s.eps == eps)]
         masks[key] = torch.stack([masks[s.key] for s in same]).all(dim=0)
@@ -579,7 +521,6 @@ def robust_masks(
     seed: int = 0,
     early_exit: bool = True,
     nested: bool = True,
-    stack_eps: bool = False,
     work: AttackWork | None = None,
 ) -> dict[str, torch.Tensor]:
     """Which samples of ``(x, y)`` are robust: ``{"clean": mask, spec.key: mask, ...}``, on this process.
@@ -594,9 +535,8 @@ def robust_masks(
     with gradients_enabled(), preserved_module_state(model):
         x, y = _as_autograd_input(x.to(device)), _as_autograd_input(y.to(device))
         return _batch_masks(
-            model, x, y, idx.to(device), attacks, seed=seed, early_exit=early_exit, nested=nested,
-            stack_eps=stack_eps, work=work,
-        )  # fmt: skip
+            model, x, y, idx.to(device), attacks, seed=seed, early_exit=early_exit, nested=nested, work=work
+        )
 
 
 def robust_accuracy_counts(
@@ -607,7 +547,6 @@ def robust_accuracy_counts(
     seed: int = 0,
     early_exit: bool = True,
     nested: bool = True,
-    stack_eps: bool = False,
     process_group: ProcessGroup = None,
     progress: ProgressFn | None = None,
     work: AttackWork | None = None,
@@ -641,9 +580,9 @@ def robust_accuracy_counts(
     (``nested=False``: at that eps). Nesting hides the per-eps signal of gradient masking
     (accuracy rising with eps): check with ``nested=False``.
 
-    ``stack_eps=True``: all eps of a family in one batch (rows of a sample at larger eps leave
-    when a smaller eps breaks it) instead of one batch per eps; same counts, more rows per model
-    call, more per-sample work. FGSM's input gradient is computed once for all eps either way.
+    FGSM's step at every eps comes from one input gradient (``sign(∇x loss)`` at the clean input).
+    Each eps is one batch of the samples it attacks: stacking the samples of several eps into one
+    batch gave the same counts but was ~1.5x slower on CPU (benchmarks/adversarial.py, [3]).
 
     ``progress(done, total, message)`` (optional, on every rank) is called after each attack and
     eps of each batch (``total`` None when ``batches`` has no length). ``work`` (optional) is
@@ -675,7 +614,7 @@ def robust_accuracy_counts(
 
             masks = _batch_masks(
                 model, x, y, idx.to(device), attacks, seed=seed, early_exit=early_exit, nested=nested,
-                stack_eps=stack_eps, work=local, on_spec=on_spec,
+                work=local, on_spec=on_spec,
             )  # fmt: skip
             counts[:-1, 1] += len(x)
             counts[:-1, 0] += torch.stack([masks[k].sum() for k in keys])
