@@ -312,10 +312,12 @@ def adversarial_examples(
 class AttackWork:
     """The model work of a robust-accuracy evaluation, counted per sample.
 
-    ``gradients``: forward + backward passes through the model (one per attacked sample and
-    attack step: samples x steps); ``forwards``: forward-only passes (clean predictions, FGSM's
-    check, PGD's last iterate). Both are sums over samples, so they do not depend on batching or
-    on the split across ranks.
+    ``gradients``: input gradients used (one per attacked sample and attack step: samples x
+    steps), each a forward and a backward pass; ``forwards``: the other passes through the model
+    (clean predictions, FGSM's check, the iterate at which a PGD sample is fooled or its last one).
+    Both are sums over samples, so they do not depend on batching or on the split across ranks.
+    (With early exit, a batch's backward pass also runs over the samples fooled at that iterate,
+    with a zero gradient: the compute is between ``gradients`` and ``passes`` backward passes.)
     """
 
     gradients: int = 0
@@ -393,10 +395,14 @@ def _pgd_broken_any_iterate(
             box = None if box is None else (box[0][keep], box[1][keep])
         else:
             keep = None
+        # Counted per sample (so the same for any batching): a gradient for each sample that takes a
+        # step, a forward for each that is fooled or at its last iterate. (The backward pass runs over
+        # the whole batch's graph, the fooled rows with a zero gradient.)
         if last or len(active) == 0:
             work.forwards += len(logits)
             break
-        work.gradients += len(logits)  # the backward runs over the whole batch's graph
+        work.gradients += len(active)
+        work.forwards += len(logits) - len(active)
         logits = logits if keep is None else logits[keep]
         (grad,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), adv)
         adv = adv.detach()
