@@ -20,6 +20,9 @@ Conventions
   given (a fixed-seed one when ``None``); ``robust_accuracy_counts`` derives each sample's
   start from (seed, the sample's index in the evaluation set) with a counter-based hash, so
   its counts do not depend on batching or on how samples are split across ranks.
+* Robust accuracy over an eps grid is nested by default: a sample broken at some eps counts as
+  broken at every larger eps of the same attack, and the larger eps attack only the samples
+  still robust (``robust_accuracy_counts(nested=...)``).
 
 Agreement with torchattacks 3.5.1 (``FGSM``, ``PGD``, ``PGDL2``; random start off): same
 steps, projection order and clamping; the step differs only where it does not matter.
@@ -587,8 +590,9 @@ def robust_accuracy_counts(
     (accuracy rising with eps): check with ``nested=False``.
 
     FGSM's step at every eps comes from one input gradient (``sign(∇x loss)`` at the clean input).
-    Each eps is one batch of the samples it attacks: stacking the samples of several eps into one
-    batch gave the same counts but was ~1.5x slower on CPU (benchmarks/adversarial.py, [3]).
+    Each eps is one batch of the samples it attacks: stacking the samples of all eps of a family
+    into one batch gave the same counts but took ~1.5x the time on CPU (1 thread, LeNet, 500 MNIST
+    digits; ``benchmarks/adversarial.py --part nested`` at commit c718f34, which had ``stack_eps``).
 
     ``progress(done, total, message)`` (optional, on every rank) is called after each attack and
     eps of each batch (``total`` None when ``batches`` has no length). ``work`` (optional) is
