@@ -171,16 +171,20 @@ class AdversarialAccuracy(EpochEndMeasurement):
 
     # ---- the measurement, usable without a Trainer (see measure.py) -------------------------
     def measure(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, progress=None
     ) -> dict[str, float]:
-        """Clean and robust accuracy on this rank's samples (``idx``: their test-set indices)."""
+        """Clean and robust accuracy on this rank's samples (``idx``: their test-set indices).
+
+        ``progress(done, total, message)``: called after each attack and eps of each batch (e.g. a
+        progress bar), instead of the log lines every ``progress_every_s``.
+        """
         start = time.perf_counter()
         work = AttackWork()
         with preserved_module_state(model, mode="eval"):
             counts = robust_accuracy_counts(
                 model, split_batches(x, y, self.batch_size, extra=idx), self.specs, seed=self.seed,
                 early_exit=self.early_exit, nested=self.nested_eps, work=work,
-                progress=self._progress_reporter(start),
+                progress=progress or self._progress_reporter(start),
             )  # fmt: skip
         for message in gradient_masking_warnings(counts, self.specs):
             rank_zero_warn(f"[AdversarialAccuracy] {message}")
