@@ -50,6 +50,16 @@ def test_hessian_callback_measures_exact_spectrum_in_any_grad_mode(grad_mode):
     assert metrics["hessian/n_hvp"] > 0 and metrics["hessian/converged"] == 1.0
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: two OpenMP threads on shared cores made the attack tests ~30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
 def test_adversarial_callback_counts_match_the_function_in_any_grad_mode(grad_mode):
     net = tiny_bn_net().float().train()
@@ -71,6 +81,7 @@ def test_adversarial_callback_counts_match_the_function_in_any_grad_mode(grad_mo
     assert metrics["adv/nested"] == 1.0 and metrics["adv/n_grad"] == work.gradients > 0
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_adversarial_callback_nested_by_default_and_each_eps_on_its_own_when_asked(monkeypatch):
     net = tiny_bn_net().float().eval()
     x, y, idx = torch.rand(30, 1, 6, 6), torch.arange(30) % 3, torch.arange(30)
