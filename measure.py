@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from callbacks.adversarial_accuracy import AdversarialAccuracy
 from callbacks.hessian_spectrum import HessianSpectrum
@@ -84,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--eps", type=float, nargs="*", default=None, help="eps grid (default: the run's)")
     p.add_argument("--pgd-steps", type=int, default=None)
+    p.add_argument(
+        "--nested-eps",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="nested eps counting; --no-nested-eps: each eps on its own (default: the run's)",
+    )
     p.add_argument("--tag", default="", help="a label in the result's name (<checkpoint>-<tag>-<hash>)")
     return p
 
@@ -96,7 +103,9 @@ def callback_settings(callbacks: dict, args: argparse.Namespace) -> tuple[dict, 
     )
     h["trace"] = args.trace or h.get("trace", False)
     a = {k: v for k, v in callbacks.get("adversarial", {}).items() if k != "_target_"}
-    a.update({k: v for k, v in (("eps", args.eps), ("pgd_steps", args.pgd_steps)) if v is not None})
+    a.setdefault("nested_eps", True)  # runs made before nested eps: what the callback now does
+    given = (("eps", args.eps), ("pgd_steps", args.pgd_steps), ("nested_eps", args.nested_eps))
+    a.update({k: v for k, v in given if v is not None})
     return h, a
 
 
@@ -148,7 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"[measure] attacks: {', '.join(adv.attacks)} at eps {sorted({s.eps for s in adv.specs})} on {len(x)} test samples ..."
         )
-        metrics = adv.measure(net, x.to(dtype), y, idx)
+        with tqdm(desc="[measure] attacks", unit="attack-eps", leave=False) as bar:
+
+            def progress(done: int, total: int | None, message: str) -> None:
+                bar.total, bar.n = total, done
+                bar.set_postfix_str(message)
+
+            metrics = adv.measure(net, x.to(dtype), y, idx, progress=progress)
         full = f"{adv.prefix}_full/"
         results.update({full + k.split("/", 1)[1] if args.full_test else k: v for k, v in metrics.items()})
         print(
@@ -192,7 +207,7 @@ def measurement_settings(
         if path.is_relative_to(run_dir.resolve())
         else str(path)
     )
-    skip = {"every_n_epochs", "at_end", "full_test_at_end"}
+    skip = {"every_n_epochs", "at_end", "full_test_at_end", "progress_every_s"}
     return {
         "checkpoint": where,
         "checkpoint_step": step,

@@ -12,7 +12,7 @@ from torch import nn
 from callbacks.epoch_measurement import EpochEndMeasurement, stopping_after_this_epoch
 from lightning_modules.config import ATTACKS, NORMS, check
 from lightning_modules.module import log_rank_identical
-from measures.attacks import AttackSpec, robust_accuracy_counts
+from measures.attacks import AttackSpec, AttackWork, robust_accuracy_counts, worst_case_keys
 from measures.batches import load_rank_subset, split_batches
 from measures.checks import gradient_masking_warnings
 from measures.module_state import preserved_module_state
@@ -28,7 +28,10 @@ class AdversarialAccuracy(EpochEndMeasurement):
 
         adv/clean                    clean accuracy on the subset
         adv/<attack>_<norm>/eps<e>   robust accuracy under each attack and eps (pixel units, [0, 1])
+        adv/worst_<norm>/eps<e>      robust to every attack of that norm (when two or more attack it)
+        adv/nested                   1.0: nested eps counting (the default), 0.0: each eps on its own
         adv/n_samples, adv/seconds
+        adv/n_grad                   per-sample input gradients (forward + backward passes) it took
 
     and, with ``full_test_at_end``, the final measurement on the whole test set under
     ``adv_full/``. A sample counts as robust when the model classifies it correctly at clean AND
@@ -38,6 +41,20 @@ class AdversarialAccuracy(EpochEndMeasurement):
     sample on two ranks, and each sample's random start is seeded by (seed, its index in the
     test set), so the numbers are identical on any device count. Signs of gradient masking
     (:mod:`measures.checks`) are warned about.
+
+    Nested eps (``nested_eps=true``, the default): a sample broken at some eps counts as broken at
+    every larger eps of the same attack (its adversarial example lies in the larger ball too), and
+    one wrong at clean at every eps. The eps are attacked in increasing order, each on the samples
+    still robust at all smaller eps, so robust accuracy never rises with eps (it is the worst case
+    over the grid, as early exit is the worst case over iterates), each value is <= the per-eps
+    one, and the larger eps cost less. ``adv/worst_<norm>/eps<e>`` is then robust to every attack
+    of the norm at every eps <= e. ``nested_eps=false`` evaluates each eps on its own (per-eps
+    tables, as paper B's FGSM tables); only then can the check "accuracy rises with eps" (a sign
+    of gradient masking) fire. ``adv/nested`` records which one a run used.
+
+    Progress: when a measurement runs longer than ``progress_every_s`` seconds, rank 0 logs where
+    it is (attack, eps, batch) at most every ``progress_every_s`` seconds; a short one (the
+    default run's) prints nothing.
 
     Args:
         every_n_epochs, at_end, prefix: when to measure and the metric namespace
@@ -49,8 +66,10 @@ class AdversarialAccuracy(EpochEndMeasurement):
         attacks: any of fgsm, pgd; ``norm``: PGD's ball (linf, l2); ``pgd_steps``,
             ``pgd_step_size`` (null: 2.5·eps/steps), ``random_start``.
         early_exit: the count described above.
+        nested_eps: nested eps counting (above); false: each eps on its own.
         full_test_at_end: the final measurement on the whole test set.
         seed: the random starts' seed.
+        progress_every_s: seconds between progress lines of a long measurement (null: none).
     """
 
     def __init__(
@@ -66,10 +85,12 @@ class AdversarialAccuracy(EpochEndMeasurement):
         pgd_step_size: float | None = None,
         random_start: bool = True,
         early_exit: bool = True,
+        nested_eps: bool = True,
         full_test_at_end: bool = False,
         at_end: bool = True,
         seed: int = 0,
         prefix: str = "adv",
+        progress_every_s: float | None = 10.0,
     ):
         super().__init__(every_n_epochs, at_end, prefix)
         check(
@@ -98,6 +119,14 @@ class AdversarialAccuracy(EpochEndMeasurement):
         check(
             pgd_step_size is None or pgd_step_size > 0, "pgd_step_size", pgd_step_size, "must be > 0 or null"
         )
+        check(isinstance(nested_eps, bool), "nested_eps", nested_eps, "must be true or false")
+        check(
+            progress_every_s is None or progress_every_s > 0,
+            "progress_every_s",
+            progress_every_s,
+            "must be > 0 or null (no progress lines)",
+        )
+        self.nested_eps, self.progress_every_s = nested_eps, progress_every_s
         self.subset_size, self.subset_seed = subset_size, subset_seed
         self.batch_size, self.eps, self.attacks, self.norm = batch_size, eps, list(attacks), norm
         self.pgd_steps, self.pgd_step_size, self.random_start = pgd_steps, pgd_step_size, random_start
@@ -113,6 +142,13 @@ class AdversarialAccuracy(EpochEndMeasurement):
     def metric_name(self, spec: AttackSpec) -> str:
         """``adv/<attack>_<norm>/eps<e>``: the logged name of one attack of the grid."""
         return f"{self.prefix}/{spec.name}_{spec.norm}/eps{spec.eps:.4g}"
+
+    def worst_case_names(self) -> dict[str, str]:
+        """``{counts key: logged name}`` of the worst case over attacks, ``adv/worst_<norm>/eps<e>``."""
+        return {
+            key: f"{self.prefix}/worst_{norm}/eps{eps:.4g}"
+            for key, (norm, eps) in worst_case_keys(self.specs).items()
+        }
 
     def build_specs(self, default_eps) -> list[AttackSpec]:
         """The attack grid: every attack at every eps (``self.eps``, else ``default_eps``)."""
@@ -135,25 +171,52 @@ class AdversarialAccuracy(EpochEndMeasurement):
 
     # ---- the measurement, usable without a Trainer (see measure.py) -------------------------
     def measure(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, progress=None
     ) -> dict[str, float]:
-        """Clean and robust accuracy on this rank's samples (``idx``: their test-set indices)."""
+        """Clean and robust accuracy on this rank's samples (``idx``: their test-set indices).
+
+        ``progress(done, total, message)``: called after each attack and eps of each batch (e.g. a
+        progress bar), instead of the log lines every ``progress_every_s``.
+        """
         start = time.perf_counter()
+        work = AttackWork()
         with preserved_module_state(model, mode="eval"):
             counts = robust_accuracy_counts(
                 model, split_batches(x, y, self.batch_size, extra=idx), self.specs, seed=self.seed,
-                early_exit=self.early_exit,
+                early_exit=self.early_exit, nested=self.nested_eps, work=work,
+                progress=progress or self._progress_reporter(start),
             )  # fmt: skip
         for message in gradient_masking_warnings(counts, self.specs):
             rank_zero_warn(f"[AdversarialAccuracy] {message}")
         correct, total = counts["clean"]
         metrics = {f"{self.prefix}/clean": correct / max(total, 1)}
-        for spec in self.specs:
-            c, n = counts[spec.key]
-            metrics[self.metric_name(spec)] = c / max(n, 1)
+        names = {spec.key: self.metric_name(spec) for spec in self.specs} | self.worst_case_names()
+        for key, name in names.items():
+            c, n = counts[key]
+            metrics[name] = c / max(n, 1)
+        metrics[f"{self.prefix}/nested"] = float(self.nested_eps)
         metrics[f"{self.prefix}/n_samples"] = float(total)
+        metrics[f"{self.prefix}/n_grad"] = float(work.gradients)
         metrics[f"{self.prefix}/seconds"] = time.perf_counter() - start
         return metrics
+
+    def _progress_reporter(self, start: float):
+        """Rank 0 logs progress once ``progress_every_s`` have passed, then at most that often."""
+        if self.progress_every_s is None:
+            return None
+        last = start
+
+        def report(done: int, total: int | None, message: str) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            if now - last >= self.progress_every_s:
+                last = now
+                of = f"/{total}" if total else ""
+                rank_zero_info(
+                    f"[AdversarialAccuracy] {done}{of} attack-eps done, {now - start:.0f} s: {message}"
+                )
+
+        return report
 
     # ---- Lightning hooks -----------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -166,7 +229,8 @@ class AdversarialAccuracy(EpochEndMeasurement):
         )
         eps = sorted({s.eps for s in self.specs})
         rank_zero_info(
-            f"[AdversarialAccuracy] {', '.join(self.attacks)} at eps {eps} on "
+            f"[AdversarialAccuracy] {', '.join(self.attacks)} at eps {eps} "
+            f"({'nested' if self.nested_eps else 'each eps on its own'}) on "
             f"{min(self.subset_size or len(dataset), len(dataset))} fixed test samples every "
             f"{self.every_n_epochs} epoch(s)"
         )

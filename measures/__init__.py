@@ -6,7 +6,8 @@
   one-call :func:`~measures.hessian.hessian_eigenvalues`, :func:`~measures.hessian.hessian_trace`,
   :func:`~measures.hessian.hessian_density`;
 - :mod:`measures.attacks`: FGSM, PGD (L∞, L2), adversarial examples for training, and exact
-  robust-accuracy counts (:func:`~measures.attacks.robust_accuracy_counts`);
+  robust-accuracy counts over an eps grid, nested by default
+  (:func:`~measures.attacks.robust_accuracy_counts`, per sample :func:`~measures.attacks.robust_masks`);
 - :mod:`measures.checks`: gradient-masking checks on those counts;
 - :mod:`measures.distributed`, :mod:`measures.batches`, :mod:`measures.module_state`: the process
   group as an argument, the fixed samples a measurement runs on, and leaving a model as found.

@@ -19,7 +19,9 @@ def gradient_masking_warnings(
     Flags, in accuracy units beyond ``tolerance``: robust accuracy that rises with eps within
     one attack family (same name, norm, steps, step rule, random start); PGD more accurate
     than FGSM at the same L∞ eps; an eps = 0 attack that differs from clean accuracy.
-    Returns readable messages (empty when nothing is suspicious).
+    Returns readable messages (empty when nothing is suspicious). Nested-eps counts
+    (``robust_accuracy_counts(nested=True)``) never rise with eps, so only per-eps counts
+    (``nested=False``) can show the first sign.
     """
 
     def acc(key: str) -> float:

@@ -29,6 +29,7 @@ def test_different_settings_get_different_names():
         name("--no-hessian", "--attacks"),
         name("--no-hessian", "--attacks", "--pgd-steps", "3"),
         name("--no-hessian", "--attacks", "--full-test"),
+        name("--no-hessian", "--attacks", "--no-nested-eps"),
         name(step=200),  # last.ckpt after more training: other weights
         name(ckpt=Path("/elsewhere/checkpoints/last.ckpt")),
         name(ckpt=RUN / "checkpoints" / "best-epoch3.ckpt"),
@@ -41,6 +42,8 @@ def test_the_same_settings_get_the_same_name():
     assert name() == name("--k", "3") == name("--subset", "1000")  # the run's own values, given explicitly
     assert name("--no-hessian", "--attacks") == name("--no-hessian", "--attacks", "--eps", "0", "0.1")
     assert name("--no-hessian", "--attacks") == name("--no-hessian", "--trace", "--k", "5", "--attacks")
+    # a run made before nested eps (no nested_eps in its config) is re-measured nested, as given
+    assert name("--no-hessian", "--attacks") == name("--no-hessian", "--attacks", "--nested-eps")
 
 
 def test_a_tag_is_part_of_the_name():

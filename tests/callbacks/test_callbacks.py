@@ -10,7 +10,8 @@ from callbacks.adversarial_accuracy import AdversarialAccuracy
 from callbacks.hessian_spectrum import HessianSpectrum
 from lightning_modules.config import ConfigError
 from lightning_modules.data import DATASETS
-from measures.attacks import robust_accuracy_counts
+from measures.attacks import AttackWork, robust_accuracy_counts, worst_case_key
+from measures.batches import split_batches
 from tests.helpers import exact_hessian
 
 
@@ -49,6 +50,16 @@ def test_hessian_callback_measures_exact_spectrum_in_any_grad_mode(grad_mode):
     assert metrics["hessian/n_hvp"] > 0 and metrics["hessian/converged"] == 1.0
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: two OpenMP threads on shared cores made the attack tests ~30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
 def test_adversarial_callback_counts_match_the_function_in_any_grad_mode(grad_mode):
     net = tiny_bn_net().float().train()
@@ -59,11 +70,40 @@ def test_adversarial_callback_counts_match_the_function_in_any_grad_mode(grad_mo
     with ctx():
         metrics = cb.measure(net, x.clone(), y, idx)
     assert net.training
-    ref = robust_accuracy_counts(net.eval(), [(x, y, idx)], cb.specs, seed=0)
+    work = AttackWork()
+    ref = robust_accuracy_counts(net.eval(), [(x, y, idx)], cb.specs, seed=0, work=work)
     assert metrics["adv/clean"] == ref["clean"][0] / 20
     for spec in cb.specs:
         assert metrics[cb.metric_name(spec)] == ref[spec.key][0] / 20
     assert metrics["adv/fgsm_linf/eps0"] == metrics["adv/clean"]
+    for eps in (0.0, 0.05, 0.2):
+        assert metrics[f"adv/worst_linf/eps{eps:.4g}"] == ref[worst_case_key("linf", eps)][0] / 20
+    assert metrics["adv/nested"] == 1.0 and metrics["adv/n_grad"] == work.gradients > 0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_adversarial_callback_nested_by_default_and_each_eps_on_its_own_when_asked(monkeypatch):
+    net = tiny_bn_net().float().eval()
+    x, y, idx = torch.rand(30, 1, 6, 6), torch.arange(30) % 3, torch.arange(30)
+    lines = []
+    monkeypatch.setattr("callbacks.adversarial_accuracy.rank_zero_info", lines.append)
+    metrics = {}
+    for nested in (True, False):
+        cb = AdversarialAccuracy(eps=[0.0, 0.05, 0.2, 0.4], batch_size=8, pgd_steps=3, nested_eps=nested)
+        cb.specs = cb.build_specs(DATASETS["mnist5k"].default_eps)
+        metrics[nested] = cb.measure(net, x, y, idx)
+        ref = robust_accuracy_counts(net, split_batches(x, y, 8, idx), cb.specs, nested=nested)
+        assert all(metrics[nested][cb.metric_name(s)] == ref[s.key][0] / 30 for s in cb.specs)
+        assert metrics[nested]["adv/nested"] == float(nested)
+    assert lines == []  # a short measurement prints no progress
+    names = [k for k in metrics[True] if "/eps" in k]
+    assert all(metrics[True][k] <= metrics[False][k] for k in names)
+    assert metrics[True]["adv/n_grad"] < metrics[False]["adv/n_grad"]
+    cb = AdversarialAccuracy(eps=[0.0, 0.05], batch_size=8, pgd_steps=3, progress_every_s=1e-9)
+    cb.specs = cb.build_specs(None)
+    cb.measure(net, x, y, idx)
+    assert len(lines) == 4 * 4  # 4 batches x 4 attack-eps, each line after a time > 1e-9 s
+    assert lines[-1].startswith("[AdversarialAccuracy] 16/16 ") and "batch 4: pgd_linf_eps0.05" in lines[-1]
 
 
 def test_callbacks_refuse_bad_settings_with_the_key_and_what_is_allowed():
@@ -71,6 +111,10 @@ def test_callbacks_refuse_bad_settings_with_the_key_and_what_is_allowed():
         HessianSpectrum(bn_mode="batch")
     with pytest.raises(ConfigError, match="every_n_epochs=0 is invalid"):
         AdversarialAccuracy(every_n_epochs=0)
+    with pytest.raises(ConfigError, match="nested_eps='no' is invalid"):
+        AdversarialAccuracy(nested_eps="no")
+    with pytest.raises(ConfigError, match="progress_every_s=0 is invalid"):
+        AdversarialAccuracy(progress_every_s=0)
 
 
 def test_two_instances_of_one_measurement_have_their_own_checkpoint_slot_and_names():

@@ -34,7 +34,8 @@ def test_trainer_logs_identical_measurements_on_one_and_two_processes(tmp_path):
         assert abs(one["last"][k] - two["last"][k]) <= 1e-6 * abs(one["last"][k]), k
     hess = [k for k in one["last"] if k.startswith("hessian/lambda") or k == "hessian/trace"]
     adv = [k for k in one["last"] if k.startswith("adv/") and k != "adv/seconds"]
-    assert len(hess) == 5 and len(adv) == 8
+    # clean, fgsm and pgd and their worst case at 3 eps, nested, n_samples, n_grad
+    assert len(hess) == 5 and len(adv) == 13 and one["last"]["adv/nested"] == 1.0
     for k in hess:
         assert abs(one["last"][k] - two["last"][k]) <= 1e-6 * abs(one["last"]["hessian/lambda_1"]), k
     for k in adv:

@@ -15,11 +15,14 @@ from torch import nn
 
 from measures.attacks import (
     AttackSpec,
+    AttackWork,
     adversarial_examples,
     fgsm,
     per_sample_unit_start,
     pgd,
     robust_accuracy_counts,
+    robust_masks,
+    worst_case_key,
 )
 from measures.batches import split_batches
 from measures.checks import gradient_masking_warnings
@@ -240,20 +243,26 @@ SPECS = [
 ]
 
 
-def test_counts_invariant_to_batching_and_order(model_and_data):
+@pytest.mark.parametrize("nested", [True, False])
+def test_counts_invariant_to_batching_and_order(model_and_data, nested):
     model, x, y = model_and_data
     idx = torch.arange(len(x))
-    whole = robust_accuracy_counts(model, [(x, y, idx)], SPECS, seed=5)
+    work = AttackWork()
+    whole = robust_accuracy_counts(model, [(x, y, idx)], SPECS, seed=5, nested=nested, work=work)
     assert whole["clean"][1] == len(x) and 0 < whole["clean"][0] < len(x)
     assert all(whole[s.key][1] == len(x) for s in SPECS)
     for bs in (1, 7, 20):
-        assert robust_accuracy_counts(model, split_batches(x, y, bs, idx), SPECS, seed=5) == whole
+        again = AttackWork()
+        batches = split_batches(x, y, bs, idx)
+        assert robust_accuracy_counts(model, batches, SPECS, seed=5, nested=nested, work=again) == whole
+        assert again == work  # the work is counted per sample, so it does not depend on batching either
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     shuffled = split_batches(x[perm], y[perm], 11, idx[perm])
-    assert robust_accuracy_counts(model, shuffled, SPECS, seed=5) == whole
+    assert robust_accuracy_counts(model, shuffled, SPECS, seed=5, nested=nested) == whole
     # The random start matters: without idx-tied noise the counts could not stay fixed.
     per_seed = {
-        tuple(robust_accuracy_counts(model, [(x, y, idx)], SPECS[3:6], seed=s).values()) for s in range(6)
+        tuple(robust_accuracy_counts(model, [(x, y, idx)], SPECS[3:6], seed=s, nested=nested).values())
+        for s in range(6)
     }
     assert len(per_seed) > 1
 
@@ -342,3 +351,131 @@ def test_spec_validation_and_keys():
             AttackSpec(**bad)
     with pytest.raises(ValueError, match="unique"):
         robust_accuracy_counts(small_cnn(), [], [AttackSpec("pgd", 0.1), AttackSpec("pgd", 0.1, steps=20)])
+
+
+# --------------------------------------------------------------------------- nested eps
+
+
+class Sine(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(20 * x)
+
+
+def wavy_model_and_data():
+    """An MLP with a sine activation: its decisions oscillate along a ray, so an attack that
+    breaks a sample at a small eps can miss it at a larger one (the small CNN is too linear)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(144, 32), Sine(), nn.Linear(32, 10)).eval()
+    x, y = data()
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    return model, x, torch.where(torch.arange(len(y)) % 3 == 0, y, pred)
+
+
+LINF_GRID = [0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
+L2_GRID = [0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
+NESTED_SPECS = (
+    [AttackSpec("fgsm", e) for e in LINF_GRID]
+    + [AttackSpec("pgd", e, steps=3) for e in LINF_GRID]
+    + [AttackSpec("pgd", e, norm="l2", steps=3) for e in L2_GRID]
+)
+FAMILIES = {
+    "fgsm": NESTED_SPECS[: len(LINF_GRID)],
+    "pgd_linf": NESTED_SPECS[len(LINF_GRID) : 2 * len(LINF_GRID)],
+    "pgd_l2": NESTED_SPECS[2 * len(LINF_GRID) :],
+}
+
+
+class PassCounter:
+    """Counts the samples that go through the model (forward hook) and back (backward hook),
+    independently of the counts the attack code keeps."""
+
+    def __init__(self, model: nn.Module):
+        self.forward_rows = self.backward_rows = 0
+        self.handles = [
+            model.register_forward_hook(self._forward),
+            model.register_full_backward_hook(self._backward),
+        ]
+
+    def _forward(self, module, inputs, output) -> None:
+        self.forward_rows += len(inputs[0])
+
+    def _backward(self, module, grad_input, grad_output) -> None:
+        self.backward_rows += len(grad_output[0])
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("early_exit", [True, False])
+def test_nested_broken_set_is_the_union_of_per_eps_broken_sets_and_costs_fewer_passes(early_exit):
+    model, x, y = wavy_model_and_data()
+    idx = torch.arange(len(x))
+    masks, work, counted = {}, {}, {}
+    for nested in (True, False):
+        work[nested] = AttackWork()
+        counter = PassCounter(model)
+        masks[nested] = robust_masks(
+            model, x, y, idx, NESTED_SPECS, seed=1, early_exit=early_exit, nested=nested, work=work[nested]
+        )
+        counter.remove()
+        counted[nested] = (counter.backward_rows, counter.forward_rows)
+    per_eps, nested = masks[False], masks[True]
+    clean_ok = per_eps["clean"]
+    assert 0 < clean_ok.sum() < len(x) and torch.equal(nested["clean"], clean_ok)
+    non_monotone = {}
+    for family, specs in FAMILIES.items():
+        broken = torch.stack([~per_eps[s.key] for s in specs])  # per eps: (eps, sample)
+        # Some sample is broken at a small eps but not at a larger one: nesting changes something.
+        non_monotone[family] = bool((broken[:-1].cummax(0).values & ~broken[1:]).any())
+        union = (~clean_ok) | broken.cummax(0).values  # broken at some eps <= this one, or at clean
+        for i, spec in enumerate(specs):
+            assert torch.equal(~nested[spec.key], union[i]), spec.key
+            assert nested[spec.key].sum() <= per_eps[spec.key].sum()
+    assert non_monotone["fgsm"] and (early_exit or non_monotone["pgd_linf"]), non_monotone
+    assert any(nested[s.key].sum() < per_eps[s.key].sum() for s in NESTED_SPECS)
+    # Worst case over FGSM and PGD L-inf: robust to both at every eps <= this one (nested).
+    for i, eps in enumerate(LINF_GRID):
+        both = FAMILIES["fgsm"][: i + 1] + FAMILIES["pgd_linf"][: i + 1]
+        want = torch.stack([nested[s.key] for s in both]).all(0)
+        assert torch.equal(nested[worst_case_key("linf", eps)], want)
+        same_eps = [FAMILIES["fgsm"][i], FAMILIES["pgd_linf"][i]]
+        assert torch.equal(
+            per_eps[worst_case_key("linf", eps)], torch.stack([per_eps[s.key] for s in same_eps]).all(0)
+        )
+    assert worst_case_key("l2", 0.5) not in nested  # one family of that norm: no worst case
+    # Fewer passes through the model, as counted by hooks on the model and by the attack code (a
+    # batch's backward pass also carries the samples fooled at that iterate, with a zero gradient).
+    for n in (True, False):
+        backward_rows, forward_rows = counted[n]
+        assert forward_rows == work[n].passes and work[n].gradients <= backward_rows
+        assert backward_rows <= work[n].gradients + (work[n].forwards if early_exit else 0)
+    assert counted[True][0] < counted[False][0] and counted[True][1] < counted[False][1]
+    assert work[True].gradients < work[False].gradients and work[True].forwards < work[False].forwards
+
+
+def test_nested_counts_are_the_masks_summed_and_never_rise_with_eps(model_and_data):
+    model, x, y = wavy_model_and_data()
+    batches = split_batches(x, y, 13, torch.arange(len(x)))
+    counts = robust_accuracy_counts(model, batches, NESTED_SPECS, seed=1)
+    masks = robust_masks(model, x, y, torch.arange(len(x)), NESTED_SPECS, seed=1)
+    assert counts == {k: (int(m.sum()), len(x)) for k, m in masks.items()}
+    for specs in FAMILIES.values():
+        values = [counts[s.key][0] for s in specs]
+        assert values == sorted(values, reverse=True)
+    assert gradient_masking_warnings(counts, NESTED_SPECS) == []
+    # Each eps on its own, the same model rises with eps somewhere (which the check flags).
+    per_eps = robust_accuracy_counts(model, batches, NESTED_SPECS, seed=1, nested=False)
+    assert any("rise with eps" in w for w in gradient_masking_warnings(per_eps, NESTED_SPECS))
+
+
+def test_progress_reports_every_attack_and_eps_of_every_batch(model_and_data):
+    model, x, y = model_and_data
+    calls = []
+    batches = split_batches(x, y, 20, torch.arange(len(x)))  # 3 batches
+    robust_accuracy_counts(model, batches, SPECS, progress=lambda *a: calls.append(a))
+    total = 3 * len(SPECS)
+    assert [(done, t) for done, t, _ in calls] == [(i, total) for i in range(1, total + 1)]
+    assert all(spec.key in message for (_, _, message), spec in zip(calls, SPECS * 3, strict=False))
+    assert calls[-1][2].startswith("batch 3: ")
