@@ -113,9 +113,11 @@ def test_training_stops_at_the_target_train_accuracy(tmp_path):
     (rec,) = records(tmp_path).values()
     assert rec["stop_reason"] == "target_train_acc" and rec["stopped_at_epoch"] < 10
     epochs = [row for row in rec["history"] if "train_eval/acc" in row and "train/loss" not in row]
+    # the history's rows are the epochs' validations (the final evaluation is in "final", not a row)
     assert (
-        epochs[-2]["train_eval/acc"] >= 0.6 > max((row["train_eval/acc"] for row in epochs[:-2]), default=0.0)
+        epochs[-1]["train_eval/acc"] >= 0.6 > max((row["train_eval/acc"] for row in epochs[:-1]), default=0.0)
     )
+    assert rec["final"]["train_eval/acc"] == epochs[-1]["train_eval/acc"]  # the same weights
 
 
 def test_divergence_is_recorded_and_exits_zero(tmp_path):
