@@ -236,6 +236,10 @@ def run_job(cfg: DictConfig, out_dir: Path, multirun: bool = False) -> float | N
         print(f"error: {e}", file=sys.stderr)
         _exit(EXIT_REFUSED, multirun, out_dir)
         return None
+    finally:
+        # W&B (issue 11): the job's live W&B run, if any, gets the record's summary (final values, status,
+        # stop reason; checkpoints if logger.wandb.log_model) and ends, however the job ended
+        finish_wandb(out_dir)
 
 
 def _run_locked(cfg: DictConfig, out_dir: Path, multirun: bool, rank_zero: bool) -> float | None:
@@ -379,8 +383,6 @@ def _run_locked(cfg: DictConfig, out_dir: Path, multirun: bool, rank_zero: bool)
         print(f"[train] failed: {type(e).__name__}: {e} (recorded in {record_path})", file=sys.stderr)
         _exit(EXIT_FAILED, multirun, out_dir)
         return None
-    finally:
-        finish_wandb()
     if not rank_zero:
         return None
     record = read_record(record_path)
