@@ -45,7 +45,7 @@ from callbacks.fault_injection import FaultInjection
 from lifecycle import sweep
 from lifecycle.build import build_job
 from lifecycle.identity import changes, identity
-from lifecycle.loggers import build_loggers, finish_wandb
+from lifecycle.loggers import build_loggers, finish_wandb, send_finished
 from lifecycle.record import (
     FINISHED,
     RECORD,
@@ -272,6 +272,8 @@ def _run_locked(cfg: DictConfig, out_dir: Path, multirun: bool, rank_zero: bool)
             )
         print(f"[train] this job already finished ({previous['status']}); fresh=true trains it again.")
         print(summarize(read_record(record_path), out_dir))
+        if rank_zero:  # W&B (issue 11): with a W&B logger, a finished job reaches W&B from its record, once
+            send_finished(cfg, out_dir)
         return previous.get("final", {}).get("val/acc")
 
     last_ckpt = out_dir / "checkpoints" / "last.ckpt"

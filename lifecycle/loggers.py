@@ -155,12 +155,16 @@ def build_loggers(cfg: DictConfig, out_dir: Path, keep_until_step: int = -1) -> 
             continue
         if lcfg._target_ == f"{__name__}.CSVLogger":
             loggers.append(hydra.utils.instantiate(lcfg, keep_until_step=keep_until_step))
-        elif lcfg._target_.endswith("WandbLogger"):
+        elif _is_wandb(lcfg):
             loggers.append(_wandb_logger(cfg, lcfg, out_dir, keep_until_step))
         else:
             loggers.append(hydra.utils.instantiate(lcfg))
     loggers.append(RunRecord(out_dir / RECORD))
     return loggers
+
+
+def _is_wandb(lcfg) -> bool:
+    return str(lcfg.get("_target_", "")).endswith("WandbLogger")
 
 
 def _hydra_job() -> tuple[list[str], list[str]]:
@@ -225,3 +229,25 @@ def finish_wandb(out_dir: str | os.PathLike | None = None) -> None:
     wandb.finish(exit_code=exit_code)
     if record is not None:
         wandb_run.mark_sent(Path(out_dir), record, run)
+
+
+def send_finished(cfg: DictConfig, out_dir: Path) -> None:
+    """A finished job re-run with a W&B logger: its record goes to W&B as the job's run
+    (:func:`lifecycle.wandb_run.send`), unless that run already holds it (then this says so)."""
+    wandb_cfg = next(
+        (lcfg for lcfg in (cfg.get("logger") or {}).values() if lcfg is not None and _is_wandb(lcfg)), None
+    )
+    if wandb_cfg is None:
+        return
+    try:
+        outcome, message = wandb_run.send(Path(out_dir), project=wandb_cfg.get("project"), mode=wandb_mode())
+    except Exception as e:  # the job's result stands; only W&B did not get it
+        outcome, message = (
+            "not sent",
+            f"{type(e).__name__}: {e} (python wandb_sync.py {out_dir} sends it later)",
+        )
+    print(f"[train] W&B: {outcome}: {message}")
+    if outcome == "sent" and (wandb_mode() == "offline" or wandb_run.offline_mode()):
+        print(
+            f"[train] W&B: written offline. Upload later with:\n    wandb sync {Path(out_dir) / 'wandb' / 'latest-run'}"
+        )

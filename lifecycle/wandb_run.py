@@ -439,6 +439,8 @@ def send(
 
     job_dir = Path(job_dir)
     record = read_record(job_dir / RECORD)
+    if (mode or os.environ.get("WANDB_MODE", "")).lower() == "disabled":
+        return "skipped", "W&B is disabled (WANDB_MODE=disabled)"
     if record.get("status") not in FINISHED:
         return "skipped", f"not finished (status {record.get('status')})"
     if not force and (sent := already_sent(job_dir, record)):

@@ -165,7 +165,7 @@ def test_a_sweep_reads_in_wandb_as_the_study_is_read(tmp_path):
     assert all(len(logs(sweep_dir / name)) == 1 for name in recs)
 
 
-def test_a_csv_run_is_sent_later_once(tmp_path):
+def test_a_csv_run_is_sent_later_once_by_wandb_sync_or_a_rerun_with_wandb(tmp_path):
     env = offline_env(tmp_path)
     run_train([*SMALL, "logger=csv", "trainer.max_epochs=2"], tmp_path, env=env)
     ((name, record),) = records(tmp_path).items()
@@ -189,6 +189,9 @@ def test_a_csv_run_is_sent_later_once(tmp_path):
     assert steps and steps == sorted(set(steps))  # the per-step loss from the CSV log, once each
     assert back["artifacts"] == []  # checkpoints only when asked
     assert "0 sent, 1 skipped" in sync()  # twice: still one run
+    # the finished job re-run with logger=wandb: W&B already holds it
+    again = run_train([*SMALL, "logger=wandb", "trainer.max_epochs=2"], tmp_path, env=env)
+    assert "already finished" in again.stdout and "W&B: skipped: already sent" in again.stdout
     assert logs(job) == [log]
 
 
