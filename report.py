@@ -391,7 +391,7 @@ def report(sweep_dir: Path, out: Path | None = None) -> tuple[pd.DataFrame, list
 
 
 CHARTS = (  # (key, column, title): the figures' panels, as means over seeds vs batch size
-    ("lambda_1_vs_batch", "hessian/lambda_1", "top Hessian eigenvalue λ1 vs batch size (dashed: 2(1+β)/lr)"),
+    ("lambda_1_vs_batch", "hessian/lambda_1", "top Hessian eigenvalue λ1 vs batch size, and 2(1+β)/lr"),
     ("train_loss_vs_batch", "train/loss", "final train loss vs batch size"),
     ("test_acc_vs_batch", "test/acc", "test accuracy vs batch size"),
     ("gen_gap_vs_batch", "gen_gap/acc", "generalization gap vs batch size"),

@@ -249,5 +249,6 @@ def send_finished(cfg: DictConfig, out_dir: Path) -> None:
     print(f"[train] W&B: {outcome}: {message}")
     if outcome == "sent" and (wandb_mode() == "offline" or wandb_run.offline_mode()):
         print(
-            f"[train] W&B: written offline. Upload later with:\n    wandb sync {Path(out_dir) / 'wandb' / 'latest-run'}"
+            "[train] W&B: written offline. Upload later with:\n"
+            f"    wandb sync {Path(out_dir) / 'wandb' / 'latest-run'}"
         )

@@ -281,10 +281,11 @@ def summary_of(record: Mapping) -> dict[str, Any]:
 
 # ---- grouping and config ------------------------------------------------------------------------
 def group_of(experiment: str, overrides: Sequence[str], exclude: Iterable[str] = ()) -> str:
-    """The W&B group of a job: ``<experiment>/<its overrides without seed>``, so a group is the seeds of one
-    grid point. Keys in ``exclude`` (Hydra's ``override_dirname.exclude_keys``) and those that do not
-    change what is trained (:data:`lifecycle.identity.NOT_TRAINING`: loggers, paths, threads, ...) are
-    left out, with their subkeys, and so is ``experiment=<experiment>``, already in the name. Over 128 characters: shortened with a hash."""
+    """The W&B group of a job: ``<experiment>/<its overrides without seed>``, so a group is the seeds
+    of one grid point. Keys in ``exclude`` (Hydra's ``override_dirname.exclude_keys``) and those that
+    do not change what is trained (:data:`lifecycle.identity.NOT_TRAINING`: loggers, paths, threads,
+    ...) are left out, with their subkeys, and so is ``experiment=<experiment>``, already in the
+    name. Over 128 characters (W&B's limit): shortened, with a hash of the whole name."""
     skip = (*exclude, *NOT_TRAINING)
     kept = []
     for o in sweep.parse(overrides):
@@ -413,7 +414,8 @@ def wants_checkpoints(record: Mapping) -> bool:
 
 
 def publish(run, job_dir: Path) -> dict:
-    """Give the live ``run`` its final summary from the job's record (and checkpoints if asked); returns the record."""
+    """Give the live ``run`` its final summary from the job's record, and the checkpoints if the job's
+    config asks for them; returns the record."""
     record = read_record(Path(job_dir) / RECORD)
     run.summary.update(summary_of(record))
     if wants_checkpoints(record) and record.get("status") in FINISHED:
