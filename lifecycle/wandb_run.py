@@ -12,7 +12,7 @@ W&B whichever way it got there:
   name ends with, such as ``opt/momentum``) goes to the summary, not the history, for as long as
   it does not change; if it changes (a scheduled lr) it is charted, its earlier epochs included;
 - **summary** (:func:`summary_of`): the record's ``final`` as plain numbers under their logged
-  names, the run's ``status``, ``stop_reason``, ``reached_target``, ``epochs``, ``steps``,
+  names (non-finite ones as the record writes them: ``"nan"``, ``"inf"``), the run's ``status``, ``stop_reason``, ``reached_target``, ``epochs``, ``steps``,
   ``wall_time_s`` and ``time/<part>`` (the record's ``time_split``), ``segments``, ``error``, and
   the best value of every accuracy and loss so far as ``best/<name>`` (epoch in
   ``best_epoch/<name>``);
@@ -62,6 +62,13 @@ def number(v: Any) -> float:
     if hasattr(v, "item"):
         v = v.item()
     return float(v)
+
+
+def summary_value(v: Any) -> float | str:
+    """A value for the run summary: a plain number, or the record's ``"nan"``/``"inf"``/``"-inf"``
+    (W&B drops a NaN from the summary and would write infinity as ``"Infinity"``)."""
+    f = number(v)
+    return f if math.isfinite(f) else str(f)
 
 
 def _same(a: float, b: float) -> bool:
@@ -257,7 +264,7 @@ def job_rows(job_dir: Path, record: Mapping, before_step: int | None = None) -> 
 def summary_of(record: Mapping) -> dict[str, Any]:
     """The run summary a job's record gives (see the module docstring); plain values only."""
     values = record.get("final") or record.get("last") or {}
-    out: dict[str, Any] = {k: number(v) for k, v in values.items()}
+    out: dict[str, Any] = {k: summary_value(v) for k, v in values.items()}
     history = History()
     for row, step in record_rows(record):
         history.add(row, step)
@@ -275,7 +282,7 @@ def summary_of(record: Mapping) -> dict[str, Any]:
     }
     out.update({k: v for k, v in facts.items() if v is not None})
     for part, seconds in (record.get("time_split") or {}).items():
-        out[f"time/{part}"] = number(seconds)
+        out[f"time/{part}"] = summary_value(seconds)
     return out
 
 
