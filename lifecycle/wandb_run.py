@@ -354,14 +354,13 @@ def run_id(job_dir: Path) -> str:
 
 
 # ---- what was sent ------------------------------------------------------------------------------
-def digest(job_dir: Path, record: Mapping) -> str:
-    """A digest of what the job's run is given from ``record`` (summary, history, config, group)."""
+def digest(record: Mapping) -> str:
+    """A digest of what the job's run is given from ``record`` (summary, history, config, overrides)."""
     payload = {
         "summary": summary_of(record),
         "history": record.get("history"),
         "config": record.get("config"),
         "overrides": record.get("overrides"),
-        "checkpoints": sorted(p.name for p in Path(job_dir).glob("checkpoints/*.ckpt")),
     }
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -377,7 +376,7 @@ def mark_sent(job_dir: Path, record: Mapping, run) -> None:
         json.dumps(
             {
                 "run_id": run.id,
-                "digest": digest(job_dir, record),
+                "digest": digest(record),
                 "status": record.get("status"),
                 "mode": mode,
                 "run_dir": str(Path(run.dir).parent) if getattr(run, "dir", None) else None,
@@ -395,7 +394,7 @@ def already_sent(job_dir: Path, record: Mapping) -> dict | None:
         sent = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return sent if sent.get("digest") == digest(job_dir, record) else None
+    return sent if sent.get("digest") == digest(record) else None
 
 
 # ---- talking to a run -----------------------------------------------------------------------------
