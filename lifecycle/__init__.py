@@ -7,9 +7,11 @@
 - :mod:`lifecycle.sweep`: which jobs a sweep directory expects (its ``multirun.yaml``) and which
   overrides identify a job, by Hydra's own override parser;
 - :mod:`lifecycle.loggers`: CSV / W&B loggers and the record logger;
+- :mod:`lifecycle.wandb_run`: what a job's W&B run holds (history axes, summary, group), live or
+  sent later from its record (``wandb_sync.py``);
 - :mod:`lifecycle.summary`: the console summary;
 - :mod:`lifecycle.job`: one job from start to record (fresh, resume, skip).
 
-``train.py`` calls :func:`lifecycle.job.run_job`; ``measure.py`` and ``report.py`` use the record
-and the builders from here, never ``train``.
+``train.py`` calls :func:`lifecycle.job.run_job`; ``measure.py``, ``report.py`` and ``wandb_sync.py``
+use the record and the builders from here, never ``train``.
 """

@@ -45,7 +45,7 @@ from callbacks.fault_injection import FaultInjection
 from lifecycle import sweep
 from lifecycle.build import build_job
 from lifecycle.identity import changes, identity
-from lifecycle.loggers import build_loggers, finish_wandb
+from lifecycle.loggers import build_loggers, finish_wandb, send_finished
 from lifecycle.record import (
     FINISHED,
     RECORD,
@@ -276,6 +276,10 @@ def run_job(cfg: DictConfig, out_dir: Path, multirun: bool = False) -> float | N
         print(f"error: {e}", file=sys.stderr)
         _exit(EXIT_REFUSED, multirun, out_dir)
         return None
+    finally:
+        # W&B (issue 11): the job's live W&B run, if any, gets the record's summary (final values, status,
+        # stop reason; checkpoints if logger.wandb.log_model) and ends, however the job ended
+        finish_wandb(out_dir)
 
 
 def _run_locked(cfg: DictConfig, out_dir: Path, multirun: bool, rank_zero: bool) -> float | None:
@@ -308,6 +312,8 @@ def _run_locked(cfg: DictConfig, out_dir: Path, multirun: bool, rank_zero: bool)
             )
         print(f"[train] this job already finished ({previous['status']}); fresh=true trains it again.")
         print(summarize(read_record(record_path), out_dir))
+        if rank_zero:  # W&B (issue 11): with a W&B logger, a finished job reaches W&B from its record, once
+            send_finished(cfg, out_dir)
         return previous.get("final", {}).get("val/acc")
 
     last_ckpt = out_dir / "checkpoints" / "last.ckpt"
@@ -397,8 +403,6 @@ def _run_locked(cfg: DictConfig, out_dir: Path, multirun: bool, rank_zero: bool)
         print(f"[train] failed: {type(e).__name__}: {e} (recorded in {record_path})", file=sys.stderr)
         _exit(EXIT_FAILED, multirun, out_dir)
         return None
-    finally:
-        finish_wandb()
     if not rank_zero:
         return None
     record = read_record(record_path)

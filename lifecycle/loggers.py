@@ -4,20 +4,22 @@ The CSV log of a resumed run is one log: it keeps the rows written up to the che
 resumes from and appends the rest (Lightning's ``CSVLogger`` deletes the file when a run resumes
 into the same folder). W&B never hangs a job: without credentials (and with ``WANDB_MODE`` unset) it runs offline and
 says how to upload later; its run id is kept in the run directory, so a resumed job continues
-the same W&B run; each job's run is finished before the next job of a multirun starts.
+the same W&B run (offline, where W&B cannot resume a run, the new segment replays the run's
+earlier rows from the record and the CSV log, so its log holds the whole run); each job's run
+gets its final summary from the record and is finished before the next job of a multirun starts
+(:func:`finish_wandb`). What the run holds: :mod:`lifecycle.wandb_run`.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import netrc
 import os
 import sys
-import time
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger as _LightningCSVLogger
 from pytorch_lightning.loggers import WandbLogger as _LightningWandbLogger
@@ -25,7 +27,9 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
-from lifecycle.record import RECORD, RunRecord, is_per_step
+from lifecycle import wandb_run
+from lifecycle.record import FINISHED, RECORD, RunRecord, read_record
+from lifecycle.wandb_run import EPOCH, History, apply
 
 
 def wandb_has_credentials() -> bool:
@@ -44,29 +48,54 @@ def wandb_mode() -> str | None:
 
 
 class WandbLogger(_LightningWandbLogger):
-    """Lightning's ``WandbLogger`` with every per-epoch metric on an ``epoch`` axis.
+    """Lightning's ``WandbLogger`` whose run reads the way the study is read (:mod:`lifecycle.wandb_run`).
 
-    W&B plots against a step counter by default. Each metric is defined the first time it is
-    logged: per-epoch metrics (all but the per-step ones, :func:`lifecycle.record.is_per_step`),
-    whichever module or callback logs them, get ``epoch`` as their x axis and their last value
-    in the run summary.
+    Per-epoch metrics (all but the per-step ones, :func:`lifecycle.record.is_per_step`, whichever
+    module or callback logs them) go on an ``epoch`` axis; a setting or a count logged as a metric
+    (:func:`lifecycle.wandb_run.could_be_constant`) goes to the summary instead of the history until
+    it changes; the best accuracy and loss so far are kept as ``best/<name>``. At the end of the job
+    :func:`finish_wandb` gives the run the record's final summary.
+
+    Args:
+        log_model: the job's checkpoints and record as an artifact at the end of the job
+            (:func:`lifecycle.wandb_run.log_checkpoints`; not Lightning's own checkpoint logging).
+        settings: the config's values by key (:func:`lifecycle.wandb_run.settings_of`), to tell
+            settings among the logged values.
+        replay: rows ``(metrics, step)`` logged before this process started (a resumed run), put
+            through the same bookkeeping when the run starts; ``log_replay``: also written to the
+            run (a new offline segment, or a run W&B has not seen), else only noted (an online run
+            W&B resumes already holds them). Other arguments as Lightning's ``WandbLogger``.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._defined: set[str] = set()
+    def __init__(
+        self, *args, log_model: bool = False, settings=None, replay=None, log_replay: bool = False, **kwargs
+    ):
+        super().__init__(*args, log_model=False, **kwargs)
+        self.log_checkpoints = bool(log_model)
+        self._history = History(settings)
+        self._replay, self._log_replay = replay, log_replay
+        self._axes_defined = False
+
+    @property
+    def experiment(self):
+        run = super().experiment
+        if rank_zero_only.rank == 0 and not self._axes_defined and getattr(run, "define_metric", None):
+            self._axes_defined = True
+            run.define_metric(EPOCH)
+            rows, self._replay = self._replay or [], None
+            for metrics, step in rows:
+                update = self._history.add(metrics, step)
+                if self._log_replay:
+                    self._apply(update)
+        return run
+
+    def _apply(self, update) -> None:
+        apply(self.experiment, update, lambda row, step: _LightningWandbLogger.log_metrics(self, row, step))
 
     @rank_zero_only
     def log_metrics(self, metrics, step=None) -> None:
-        new = [k for k in metrics if k not in self._defined and k != "epoch" and not is_per_step(k)]
-        if new:
-            run = self.experiment
-            if not self._defined:
-                run.define_metric("epoch")
-            for name in new:
-                run.define_metric(name, step_metric="epoch", summary="last")
-            self._defined.update(new)
-        super().log_metrics(metrics, step)
+        _ = self.experiment  # started (and any earlier rows replayed) before this row
+        self._apply(self._history.add(metrics, step))
 
 
 class _ResumingWriter(ExperimentWriter):
@@ -126,32 +155,100 @@ def build_loggers(cfg: DictConfig, out_dir: Path, keep_until_step: int = -1) -> 
             continue
         if lcfg._target_ == f"{__name__}.CSVLogger":
             loggers.append(hydra.utils.instantiate(lcfg, keep_until_step=keep_until_step))
-        elif lcfg._target_.endswith("WandbLogger"):
-            id_file = out_dir / "wandb_id.txt"
-            if not id_file.exists():
-                id_file.write_text(
-                    hashlib.sha1(f"{out_dir.resolve()}{time.time()}".encode()).hexdigest()[:16]
-                )
-            extra = {
-                "id": id_file.read_text().strip(),
-                "resume": "allow",
-                "config": OmegaConf.to_container(cfg, resolve=True),
-            }
-            if wandb_mode() == "offline":
-                extra["mode"] = "offline"  # per run: does not leak into later jobs like offline=True does
-                print(
-                    f"[train] W&B: no credentials found, logging offline. Upload later with:\n"
-                    f"    wandb sync {out_dir / 'wandb'}/offline-run-*"
-                )
-            loggers.append(hydra.utils.instantiate(lcfg, _partial_=True)(**extra))
+        elif _is_wandb(lcfg):
+            loggers.append(_wandb_logger(cfg, lcfg, out_dir, keep_until_step))
         else:
             loggers.append(hydra.utils.instantiate(lcfg))
     loggers.append(RunRecord(out_dir / RECORD))
     return loggers
 
 
-def finish_wandb() -> None:
-    """End this job's W&B run, so the next job of a multirun gets its own."""
+def _is_wandb(lcfg) -> bool:
+    return str(lcfg.get("_target_", "")).endswith("WandbLogger")
+
+
+def _hydra_job() -> tuple[list[str], list[str]]:
+    """This job's overrides and the keys that do not name a job (empty outside a Hydra run)."""
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return [], []
+    return list(hc.overrides.task), list(hc.job.config.override_dirname.exclude_keys or [])
+
+
+def _wandb_logger(cfg: DictConfig, lcfg: DictConfig, out_dir: Path, keep_until_step: int):
+    """The job's W&B logger: its run id, group, tags, config, mode, and the rows a resumed run replays."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    overrides, exclude = _hydra_job()
+    extra = {"id": wandb_run.run_id(out_dir), "resume": "allow"}
+    kwargs = wandb_run.init_kwargs(config, overrides, exclude)
+    extra.update(config=kwargs["config"], settings=wandb_run.settings_of(kwargs["config"]))
+    for key in ("group", "tags", "job_type"):  # an explicit logger.wandb.<key> wins
+        if lcfg.get(key) is None:
+            extra[key] = kwargs[key]
+    offline = bool(lcfg.get("offline")) or wandb_run.offline_mode()
+    if wandb_mode() == "offline":
+        extra["mode"] = "offline"  # per run: does not leak into later jobs like offline=True does
+        offline = True
+        print(
+            f"[train] W&B: no credentials found, logging offline. Upload later with:\n"
+            f"    wandb sync {out_dir / 'wandb' / 'latest-run'}"
+        )
+    if keep_until_step >= 0:  # a resumed run: what W&B must hold of the run so far
+        rows = wandb_run.job_rows(out_dir, read_record(out_dir / RECORD), before_step=keep_until_step)
+        seen = any((out_dir / "wandb").glob(f"*run-*-{extra['id']}"))
+        # an offline segment starts a new log (W&B cannot resume offline runs): it holds the earlier rows too
+        extra.update(replay=rows, log_replay=offline or not seen)
+        if offline and rows:
+            print(
+                f"[train] W&B offline: this segment replays the {len(rows)} earlier rows of the run, so "
+                f"its log holds the whole run: sync only {out_dir / 'wandb' / 'latest-run'}"
+            )
+    return hydra.utils.instantiate(lcfg, _partial_=True)(**extra)
+
+
+def finish_wandb(out_dir: str | os.PathLike | None = None) -> None:
+    """End this job's W&B run, so the next job of a multirun gets its own.
+
+    With ``out_dir`` (the job directory), the run first gets its summary from the job's record
+    (final values, status, stop reason, ...: :func:`lifecycle.wandb_run.summary_of`), and the
+    checkpoints if ``logger.wandb.log_model`` asks for them; its exit code says whether the job
+    finished (completed or diverged). Nothing happens without a live run.
+    """
     wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is None:
+        return
+    record, exit_code = None, 0
+    if out_dir is not None:
+        try:
+            record = wandb_run.publish(run, Path(out_dir))
+            exit_code = 0 if record.get("status") in FINISHED else 1
+        except Exception as e:  # never lose the run (or the job's exit status) to its summary
+            print(f"[train] W&B: the final summary was not sent ({type(e).__name__}: {e})", file=sys.stderr)
+    wandb.finish(exit_code=exit_code)
+    if record is not None:
+        wandb_run.mark_sent(Path(out_dir), record, run)
+
+
+def send_finished(cfg: DictConfig, out_dir: Path) -> None:
+    """A finished job re-run with a W&B logger: its record goes to W&B as the job's run
+    (:func:`lifecycle.wandb_run.send`), unless that run already holds it (then this says so)."""
+    wandb_cfg = next(
+        (lcfg for lcfg in (cfg.get("logger") or {}).values() if lcfg is not None and _is_wandb(lcfg)), None
+    )
+    if wandb_cfg is None:
+        return
+    try:
+        outcome, message = wandb_run.send(Path(out_dir), project=wandb_cfg.get("project"), mode=wandb_mode())
+    except Exception as e:  # the job's result stands; only W&B did not get it
+        outcome, message = (
+            "not sent",
+            f"{type(e).__name__}: {e} (python wandb_sync.py {out_dir} sends it later)",
+        )
+    print(f"[train] W&B: {outcome}: {message}")
+    if outcome == "sent" and (wandb_mode() == "offline" or wandb_run.offline_mode()):
+        print(
+            "[train] W&B: written offline. Upload later with:\n"
+            f"    wandb sync {Path(out_dir) / 'wandb' / 'latest-run'}"
+        )

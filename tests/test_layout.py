@@ -1,7 +1,7 @@
 """The layout's import rules, read from the source with ``ast`` (nothing is imported to check them).
 
 Imports point one way: measures <- lightning_modules <- callbacks <- lifecycle <- entry points
-(train.py, measure.py, report.py). ``measures`` is pure torch; ``callbacks`` holds only Lightning
+(train.py, measure.py, report.py, wandb_sync.py). ``measures`` is pure torch; ``callbacks`` holds only Lightning
 callbacks; nothing imports ``train``.
 """
 
@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 from tests.helpers import ROOT
 
 LAYERS = ["measures", "lightning_modules", "callbacks", "lifecycle"]
-ENTRY_POINTS = ["train", "measure", "report"]
+ENTRY_POINTS = ["train", "measure", "report", "wandb_sync"]
 FRAMEWORKS = {"pytorch_lightning", "lightning", "hydra", "omegaconf", "wandb"}
 
 

@@ -147,6 +147,12 @@ def test_wandb_offline_one_run_per_job_and_resume_continues_it(tmp_path):
         "trainer.enable_progress_bar=false",
         "optimizer.lr=0.01,0.02",
         "trainer.max_steps=2",
+        *[
+            "model=mlp",
+            "threads=1",
+            "~callbacks.hessian",
+            "~callbacks.adversarial",
+        ],  # W&B only: no measurements
     ]
     run_train(args, tmp_path, env=env)
     job_dirs = sorted(p.parent for p in tmp_path.rglob("results.json"))
