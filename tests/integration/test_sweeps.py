@@ -46,7 +46,7 @@ def test_grid_interrupted_then_resumed_runs_only_remaining_jobs_and_reports(tmp_
     recs = records(tmp_path)
     assert len(recs) == 4
     ((name, before),) = first.items()
-    assert recs[name]["started_at"] == before["started_at"] and recs[name]["final"] == before["final"]
+    assert recs[name]["segments"] == before["segments"] and recs[name]["final"] == before["final"]
     status = {
         (r["config"]["optimizer"]["lr"], r["config"]["optimizer"]["batch_size"]): r["status"]
         for r in recs.values()
