@@ -17,17 +17,19 @@ from tests.helpers import records, run_train
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 40
+EPOCHS = 30  # 1.5 s of sleep each (plus the training): 45-90 s of work, 2-3 attempts of 30 s
 
 
 def test_time_limited_job_is_requeued_resumed_and_finishes_once(tmp_path):
     args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=1", "logger=csv",
             "trainer.enable_progress_bar=false", "model=mlp", f"trainer.max_epochs={EPOCHS}", "threads=1",
-            "callbacks.hessian.subset_size=500", "callbacks.hessian.k=3",
-            "callbacks.adversarial.subset_size=200"]  # fmt: skip
+            "~callbacks.hessian", "~callbacks.adversarial",
+            "+callbacks.slow._target_=tests.integration.user_callback.SlowEpochs",
+            "+callbacks.slow.seconds=1.5"]  # fmt: skip
     run_train(args, tmp_path, timeout=900)
     ((name, rec),) = records(tmp_path).items()
-    assert rec["status"] == "completed" and rec["stopped_at_epoch"] == EPOCHS
+    assert rec["status"] == "completed", (rec.get("error"), rec.get("traceback"), rec.get("segments"))
+    assert rec["stopped_at_epoch"] == EPOCHS
     ended = [s["ended"] for s in rec["segments"]]
     assert len(ended) >= 2 and ended[-1] == "completed" and set(ended[:-1]) == {"interrupted"}, ended
     assert all(s["from_step"] > 0 for s in rec["segments"][1:])  # each requeued process resumed

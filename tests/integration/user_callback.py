@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+
+import pytorch_lightning as pl
 import torch
 
 from callbacks.epoch_measurement import EpochEndMeasurement
@@ -20,3 +23,17 @@ class WeightNorm(EpochEndMeasurement):
     def measure_module(self, trainer, pl_module):
         norm = torch.sqrt(sum((p.detach() ** 2).sum() for p in pl_module.parameters()))
         return {f"{self.prefix}/l2_norm": float(norm)}
+
+
+class SlowEpochs(pl.Callback):
+    """Sleeps ``seconds`` at every epoch end: a job whose length does not depend on the machine's load.
+
+    Args:
+        seconds: how long each epoch end waits.
+    """
+
+    def __init__(self, seconds: float = 1.0):
+        self.seconds = seconds
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        time.sleep(self.seconds)
