@@ -398,6 +398,8 @@ def _warm_start(start: torch.Tensor, z: torch.Tensor, mix: float, dim: int) -> t
     if start.shape[0] != dim:
         return z, False
     warm = warm_start_vector(start.to(z.device))
+    if warm is not None and start.dim() == 2:  # exactly as from the combined vector
+        warm = warm_start_vector(warm)
     if warm is None:
         return z, False
     q0 = warm + mix * z
@@ -427,11 +429,15 @@ def lanczos_eigenvalues(
 
     **Stop.** ``stop="eigenvalue"`` (default): run until every wanted eigenvalue (the ``k`` top
     and the ``smallest`` lowest) has an estimated error (:func:`ritz_error_bounds`) ``<= tol ·
-    max|θ|``, at ``confirm + 1`` consecutive steps (default ``confirm=1``; 2 for a warm start):
+    max|θ|``, at ``confirm + 1`` consecutive steps (default ``confirm=2``; 3 for a warm start):
     ``tol=1e-4`` asks for ~4 correct digits of λ_1 and the same absolute accuracy for the others.
     The repeat is the guard against a stall: while a near-degenerate partner is still mixed into
     a Ritz vector the estimate is too small (see :func:`ritz_error_bounds`), and the next steps
-    usually resolve the partner and raise it. ``stop="residual"``: until every wanted residual
+    usually resolve the partner and raise it. Measured on 30 random 60x60 matrices per case
+    (``tests/measures/test_linalg.py`` spectra): λ_2, λ_3 1e-5 apart (a crossing) lost one of
+    the pair in 17/30 runs with ``confirm=1`` and in none with 2; a pair 6e-4·|λ_1| apart at the
+    edge of a dense bulk was reported as its upper member in 1/30 runs (as with the residual stop
+    at 1e-4; none at 1e-5). ``stop="residual"``: until every wanted residual
     ``|β_m s_m| <= tol · max|θ|`` (the former rule, ``confirm=0``; eigenvalues then to ~``tol²``
     relative). Either way at most ``max_iter`` steps (one product each; the basis costs
     ``max_iter · dim`` float64 entries), and never before a Ritz value beside the wanted ones
@@ -448,7 +454,7 @@ def lanczos_eigenvalues(
     below the top-k last time is in the block); (2) the random part gives every other
     eigenvector ``1/√(1 + 1/start_mix²)`` of its cold-start weight, so the Krylov space keeps
     exploring as a cold start would; (3) a warm run takes at least ``min_steps`` steps (default:
-    the block's ``k + smallest + 2·guard`` directions plus 2) and confirms its stop over 2 extra
+    the block's ``k + smallest + 2·guard`` directions plus 2) and confirms its stop over 3 extra
     steps. ``start`` may also be the one combined vector :func:`warm_start_vector` makes of the
     block (what the callback keeps). These make a miss unlikely, not
     impossible: an eigenvalue the random part has not surfaced by the stop is missed, as in a
@@ -489,7 +495,7 @@ def lanczos_eigenvalues(
         min_steps = k + guard + (smallest + guard if smallest else 0) + 2 if warm else 0
     min_steps = max(min_steps, n_wanted + 1)
     if confirm is None:
-        confirm = 0 if stop == "residual" else 2 if warm else 1
+        confirm = 0 if stop == "residual" else 3 if warm else 2
     streak = [0]  # consecutive steps at which the stop held
 
     def assess(alphas: torch.Tensor, offdiag: torch.Tensor, beta: float):
