@@ -36,6 +36,7 @@ from lifecycle.record import RECORD, read_record, update_record
 from lightning_modules.data import ImageDataModule
 from measures.batches import load_rank_subset, split_batches
 from measures.hessian import hessian_density
+from measures.linalg import LanczosProgress
 from measures.module_state import gradients_enabled, preserved_module_state
 
 
@@ -73,7 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--subset", type=int, default=None, help="training samples for the Hessian (default: the run's)"
     )
     p.add_argument("--k", type=int, default=None, help="top-k eigenvalues (default: the run's)")
-    p.add_argument("--tol", type=float, default=None, help="Lanczos relative residual tolerance")
+    p.add_argument(
+        "--tol",
+        type=float,
+        default=None,
+        help="Lanczos tolerance: each eigenvalue within tol * |lambda_1| (default: the run's)",
+    )
+    p.add_argument(
+        "--stop",
+        choices=("eigenvalue", "residual"),
+        default=None,
+        help="what tol applies to: the estimated eigenvalue error or the residual (default: the run's)",
+    )
     p.add_argument("--float64", action="store_true", help="measure in float64")
     p.add_argument("--trace", action="store_true", help="also the Hutchinson trace")
     p.add_argument("--density", action="store_true", help="also the eigenvalue density (SLQ) and its plot")
@@ -99,7 +111,11 @@ def callback_settings(callbacks: dict, args: argparse.Namespace) -> tuple[dict, 
     """The Hessian and attack callbacks' arguments: the run's own, with the command line's on top."""
     h = {k: v for k, v in callbacks.get("hessian", {}).items() if k != "_target_"}
     h.update(
-        {k: v for k, v in (("subset_size", args.subset), ("k", args.k), ("tol", args.tol)) if v is not None}
+        {
+            k: v
+            for k, v in (("subset_size", args.subset), ("k", args.k), ("tol", args.tol), ("stop", args.stop))
+            if v is not None
+        }
     )
     h["trace"] = args.trace or h.get("trace", False)
     a = {k: v for k, v in callbacks.get("adversarial", {}).items() if k != "_target_"}
@@ -131,7 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"[measure] Hessian: top-{spectrum.k} on {len(x)} training samples (BatchNorm {spectrum.bn_mode}) ..."
         )
-        results.update(spectrum.measure(net, torch.nn.functional.cross_entropy, x.to(dtype), y))
+        with tqdm(total=spectrum.max_iter, desc="[measure] Lanczos", unit="HVP", leave=False) as bar:
+
+            def progress(p: LanczosProgress) -> None:
+                bar.update(1)
+                bar.set_postfix_str(f"est. error {p.rel_error:.1e} of |λ_1| (stops at {p.tol:g})")
+
+            results.update(spectrum.measure(net, torch.nn.functional.cross_entropy, x.to(dtype), y, progress))
         print(
             "[measure] "
             + "  ".join(f"{k} {v:.6g}" for k, v in results.items() if "lambda" in k or "trace" in k)

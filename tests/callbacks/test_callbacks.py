@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -48,6 +50,69 @@ def test_hessian_callback_measures_exact_spectrum_in_any_grad_mode(grad_mode):
         assert abs(metrics[f"hessian/lambda_{i + 1}"] - top[i]) <= 1e-6 * abs(top[0])
     assert abs(metrics["hessian/lambda_min"] - exact[0]) <= 1e-6 * abs(top[0])
     assert metrics["hessian/n_hvp"] > 0 and metrics["hessian/converged"] == 1.0
+    # the logged error estimate is never below the true error
+    true = max(abs(metrics[f"hessian/lambda_{i + 1}"] - float(top[i])) for i in range(3))
+    true = max(true, abs(metrics["hessian/lambda_min"] - float(exact[0])))
+    assert true / abs(float(top[0])) <= metrics["hessian/rel_error"] <= 1e-8
+
+
+def moved(net: nn.Module, seed: int) -> nn.Module:
+    """The same network one 'epoch' later: weights moved a little."""
+    net = copy.deepcopy(net)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return net
+
+
+def test_hessian_warm_start_survives_a_resume_exactly_and_falls_back_to_cold():
+    nets = [tiny_bn_net()]
+    for seed in (1, 2, 3):
+        nets.append(moved(nets[-1], seed))
+    x, y = torch.rand(17, 1, 6, 6, dtype=torch.float64), torch.arange(17) % 3
+    loss = nn.functional.cross_entropy
+    cb = HessianSpectrum(k=2, batch_size=7, warm_start=True)
+    first = cb.measure(nets[0], loss, x, y)
+    saved = cb.state_dict()
+    dim = sum(p.numel() for p in nets[0].parameters())
+    assert saved["start_vector"].shape == (dim,) and saved["cold_hvp"] == first["hessian/n_hvp"]
+    second = cb.measure(nets[1], loss, x, y)
+    assert (first["hessian/warm"], second["hessian/warm"]) == (0.0, 1.0)
+    # a resumed run (a new callback, the checkpointed state) measures exactly as the uninterrupted one
+    resumed = HessianSpectrum(k=2, batch_size=7, warm_start=True)
+    resumed.load_state_dict(saved)
+    again = resumed.measure(nets[1], loss, x, y)
+    assert {k: v for k, v in again.items() if k != "hessian/seconds"} == {
+        k: v for k, v in second.items() if k != "hessian/seconds"
+    }
+    # too large for the checkpoint (cap 0 MB): not kept, the resumed run starts cold
+    capped = HessianSpectrum(k=2, batch_size=7, warm_start=True, warm_start_checkpoint_mb=0)
+    capped.measure(nets[0], loss, x, y)
+    assert "start_vector" not in capped.state_dict()
+    fresh = HessianSpectrum(k=2, batch_size=7, warm_start=True)
+    fresh.load_state_dict(capped.state_dict())
+    assert fresh.measure(nets[1], loss, x, y)["hessian/warm"] == 0.0
+    # a warm start that did not pay (at least the last cold count): the next one is cold, then warm again
+    assert cb._next_cold == (second["hessian/n_hvp"] >= first["hessian/n_hvp"])
+    cb._cold_hvp, cb._next_cold = 1, False  # as if the last cold measurement had cost 1 product
+    assert cb.measure(nets[2], loss, x, y)["hessian/warm"] == 1.0
+    assert cb.measure(nets[3], loss, x, y)["hessian/warm"] == 0.0
+    assert cb.measure(nets[2], loss, x, y)["hessian/warm"] == 1.0
+
+
+def test_hessian_float64_reference_leaves_the_model_in_its_precision():
+    net = tiny_bn_net().float().eval()
+    x, y = torch.rand(17, 1, 6, 6), torch.arange(17) % 3
+    ref = HessianSpectrum(k=2, batch_size=7, float64=True, tol=1e-10).measure(
+        net, nn.functional.cross_entropy, x, y
+    )
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    exact = torch.linalg.eigvalsh(
+        exact_hessian(copy.deepcopy(net).double(), nn.functional.cross_entropy, x.double(), y)
+    ).flip(0)
+    assert abs(ref["hessian/lambda_1"] - float(exact[0])) <= 1e-9 * abs(float(exact[0]))
+    assert ref["hessian/rel_error"] < 1e-9  # float32 products could not give this
 
 
 @pytest.fixture

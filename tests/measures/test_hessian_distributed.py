@@ -1,10 +1,13 @@
-"""Hessian functions on a 2-process gloo group equal the 1-process result on the union of shards.
+"""Hessian functions on a 2-process gloo group equal the 1-process result on the union of shards
+(a warm-started Lanczos included).
 
 Each rank passes its own shard (unequal sizes, different batch sizes, or nothing at all); the
 result must be that of all 15 samples, sample-weighted, and bit-for-bit equal on both ranks.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -32,9 +35,21 @@ def build(seed: int = 0):
     return model, x, y
 
 
+def perturbed(model, seed: int = 3):
+    """The next 'epoch': the same network with slightly moved weights."""
+    g = torch.Generator().manual_seed(seed)
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return moved
+
+
 def measure(model, batches):
     loss_fn = nn.CrossEntropyLoss()
-    eig = hessian_eigenvalues(model, loss_fn, batches, k=3, smallest=1, cache="auto")
+    eig = hessian_eigenvalues(model, loss_fn, batches, k=3, smallest=1, cache="auto", return_start=True)
+    # a warm start from those Ritz vectors on the next 'epoch' (rank-identical start and steps)
+    warm = hessian_eigenvalues(perturbed(model), loss_fn, batches, k=3, smallest=1, start=eig.start_vectors)
     eig_nc = hessian_eigenvalues(model, loss_fn, batches, k=3, smallest=1, cache=False)
     tr = hessian_trace(model, loss_fn, batches, rtol=0.05, max_samples=100, seed=5)
     dens = hessian_density(model, loss_fn, batches, n_steps=10, seed=2)
@@ -43,6 +58,9 @@ def measure(model, batches):
         "smallest": eig.smallest,
         "n_hvp": eig.n_hvp,
         "top_nocache": eig_nc.eigenvalues,
+        "warm_top": torch.cat([warm.eigenvalues, warm.smallest]),
+        "warm_n_hvp": warm.n_hvp,
+        "warm_errors": torch.cat([warm.errors, warm.smallest_errors]),
         "trace": tr.trace,
         "trace_n": tr.n_samples,
         "nodes": dens.nodes,
@@ -85,6 +103,9 @@ def _check(results, ref):
     assert r0["trace_n"] == ref["trace_n"]
     assert abs(r0["trace"] - ref["trace"]) <= 1e-6 * abs(ref["trace"])
     assert torch.allclose(r0["nodes"], ref["nodes"], rtol=1e-6, atol=1e-9)
+    # the warm start: the same number of steps and the same values as on one process
+    assert r0["warm_n_hvp"] == ref["warm_n_hvp"]
+    assert torch.allclose(r0["warm_top"], ref["warm_top"], rtol=0, atol=1e-9 * float(ref["top"][0]))
 
 
 def test_two_ranks_equal_one_process(ranks, reference):
