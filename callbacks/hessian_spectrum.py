@@ -257,7 +257,8 @@ class HessianSpectrum(EpochEndMeasurement):
         model = pl_module.net if self.float64 else pl_module  # a copy of the network is converted
         progress = None
         if self.progress_after_s is not None:
-            label = f"[{type(self).__name__}] epoch {trainer.current_epoch}"
+            name = type(self).__name__ + ("" if self.prefix == "hessian" else f":{self.prefix}")
+            label = f"[{name}] epoch {trainer.current_epoch}"
             progress = ProgressLines(label, rank_zero_info, after_s=self.progress_after_s)
         return self.measure(model, loss_fn, x.to(param.dtype), y, progress=progress)
 
