@@ -67,7 +67,9 @@ def test_within_the_tolerance_of_the_float64_reference_at_every_epoch(epochs, pr
         assert err <= row[f"{prefix}/rel_error"] + 2e-6, (epoch, err, row[f"{prefix}/rel_error"])
 
 
-def test_the_eigenvalue_stop_costs_fewer_products_than_the_former_default(epochs):
+def test_the_eigenvalue_stop_and_the_warm_start_cost_fewer_products(epochs):
+    """Than the former default (residual stop, 1e-5); the warm start than a cold one (a few percent
+    on this run: the top eigenvalues are outliers that a cold Lanczos finds in ~12 products)."""
     new = sum(row["hessian/n_hvp"] for row in epochs.values())
     old = sum(row["hessian_old/n_hvp"] for row in epochs.values())
     warm = sum(row["hessian_warm/n_hvp"] for row in epochs.values())
@@ -75,3 +77,4 @@ def test_the_eigenvalue_stop_costs_fewer_products_than_the_former_default(epochs
         f"products over {EPOCHS} epochs: default {new:.0f}, warm {warm:.0f}, former residual stop {old:.0f}"
     )
     assert new < old
+    assert warm < new
