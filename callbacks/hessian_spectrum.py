@@ -49,24 +49,28 @@ class HessianSpectrum(EpochEndMeasurement):
     and the products are all-reduced, so every rank logs the numbers a single device would.
 
     **Accuracy.** By default (``stop="eigenvalue"``, ``tol=1e-4``) Lanczos stops once every
-    reported eigenvalue's estimated error (``hessian/rel_error``) is at most ``tol · |λ_1|`` at two
+    reported eigenvalue's estimated error (``hessian/rel_error``) is at most ``tol · |λ_1|`` at three
     consecutive steps: λ_1 to ~4 significant digits, λ_min to the same absolute accuracy. The
     estimate (about ``residual² / gap``, never more than the residual) assumes every eigenvalue
     next to a reported one has been resolved; see :func:`measures.linalg.ritz_error_bounds`.
     ``stop="residual"`` restores the former rule (residual ``<= tol · |λ_1|``; with ``tol=1e-5``
     eigenvalues to ~1e-10).
 
-    **Warm start** (``warm_start=true``): each measurement starts Lanczos from the previous one's
-    Ritz vectors (the ``k`` top and the lowest, with 2 guard vectors beside each end) combined
-    into one vector, plus an equal share of the seeded random vector a cold start would use; it
-    then takes at least as many steps as the block has directions (+2) and confirms its stop
-    over 2 extra steps. Rank-independent (the vectors come from all-reduced products). It falls
-    back to a random start for the next measurement when a warm one used at least as many
-    products as the last cold one, and after a change of the model's size. The combined start
-    vector (one model-sized float64 vector) is kept in the checkpoint when it is at most
-    ``warm_start_checkpoint_mb``, so a resumed run measures exactly as an uninterrupted one;
-    larger models start cold after a resume. See :func:`measures.linalg.lanczos_eigenvalues`
-    for what the guards do and do not catch.
+    **Warm start** (``warm_start=true``, off by default): each measurement starts Lanczos from the
+    previous one's Ritz vectors (the ``k`` top and the lowest, with 2 guard vectors beside each
+    end) combined into one vector, plus an equal share of the seeded random vector a cold start
+    would use; it then takes at least as many steps as the block has directions (+2) and confirms
+    its stop over 3 extra steps. Rank-independent (the vectors come from all-reduced products).
+    It falls back to a random start for the next measurement when a warm one used at least as
+    many products as the last cold one, and after a change of the model's size. The combined
+    vector (one model-sized float64 vector: +494 KB on LeNet's 506 KB checkpoint) is kept in the
+    checkpoint when it is at most ``warm_start_checkpoint_mb``, so a resumed run measures exactly
+    as an uninterrupted one; larger models start cold after a resume. Why it is off: on the
+    default 10-epoch run (``benchmarks/hessian_warm.py``) it saved 4% of the products (362 vs 378)
+    and at one epoch reported λ_min's near-degenerate neighbour instead of λ_min (error 2.8e-4 of
+    |λ_1|, above ``tol``): the top eigenvalues are outliers a cold start finds in ~12 products, and
+    the eigenvectors at the dense negative end turn too much between epochs. See
+    :func:`measures.linalg.lanczos_eigenvalues` for what the guards do and do not catch.
 
     Args:
         every_n_epochs, at_end, prefix: when to measure and the metric namespace
@@ -257,7 +261,8 @@ class HessianSpectrum(EpochEndMeasurement):
         model = pl_module.net if self.float64 else pl_module  # a copy of the network is converted
         progress = None
         if self.progress_after_s is not None:
-            label = f"[{type(self).__name__}] epoch {trainer.current_epoch}"
+            name = type(self).__name__ + ("" if self.prefix == "hessian" else f":{self.prefix}")
+            label = f"[{name}] epoch {trainer.current_epoch}"
             progress = ProgressLines(label, rank_zero_info, after_s=self.progress_after_s)
         return self.measure(model, loss_fn, x.to(param.dtype), y, progress=progress)
 

@@ -326,8 +326,8 @@ class HessianOperator:
         """``H V`` for the columns of ``V`` (``(dim, b)``), as ``b`` products in one batched backward.
 
         Same values as ``b`` calls of :meth:`matvec` (up to rounding), one collective. Whether it is
-        faster depends on the device: on the 2-core CPU here a batched second backward cost 0.92x to
-        1.15x per vector of single ones (``benchmarks/hessian_products.py``), so the solvers use it
+        faster depends on the device: on the 2-core CPU here a batched second backward cost 0.86x to
+        1.43x per vector of single ones (``benchmarks/hessian_products.py``), so the solvers use it
         only where vectors come in blocks anyway (Hutchinson's ``block``); Lanczos stays
         single-vector. Counts ``b`` products.
         """
