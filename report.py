@@ -1,12 +1,18 @@
 """Turn a sweep directory (finished or not) into one tidy CSV and the papers' figures.
 
-    python report.py outputs/sweeps/fixed_lr_small [--out DIR] [--wandb]
+    python report.py outputs/sweeps/fixed_lr_small [--out DIR] [--wandb] [verdict options]
 
 Reads every job's ``results.json`` under the sweep directory and writes, into ``DIR``
 (default ``<sweep dir>/report``):
 
-- ``runs.csv``: one row per job: status, why it stopped, hyperparameters, final train/test
-  loss and accuracy, generalization gap, Hessian eigenvalues, robust accuracies, wall time;
+- ``runs.csv``: one row per job: status, why it stopped, whether that was its training target
+  (``reached_target``: empty when it had none), hyperparameters, final train/test loss and
+  accuracy, generalization gap, Hessian eigenvalues, robust accuracies, wall time, the stability
+  threshold 2(1+β)/lr, ``eos_ratio`` = λ1·lr/(2(1+β)) and ``lr_limited`` (eos_ratio >= 0.8);
+- ``not_at_target.csv``: the completed runs that stopped short of their target (epoch or step cap);
+- ``verdicts.csv``, ``verdicts.md``: the study's trends judged over seeds (λ1, test and robust
+  accuracy vs batch size; momentum; adversarial vs natural training), each with its per-seed
+  values; the runs limited by lr; the worst-case gap (PGD vs AutoAttack) where measured;
 - ``eigenvalue_vs_batch.png``: top Hessian eigenvalue vs batch size per (lr rule, momentum,
   training), with the stability threshold 2(1+β)/lr drawn, beside the final training loss;
 - ``accuracy_vs_batch.png``: test accuracy and generalization gap vs batch size;
@@ -17,7 +23,8 @@ Reads every job's ``results.json`` under the sweep directory and writes, into ``
 - ``runs/<job>.png``: per-run curves over epochs (top eigenvalue with its 2(1+β)/lr line,
   train/test accuracy, robust accuracy).
 
-Points are means over seeds with error bars of one standard deviation. A partial sweep is
+Points are means over the seeds at target with error bars of one standard deviation; runs short of
+their target are drawn as hollow squares and left out of the means and verdicts. A partial sweep is
 reported as such, in notes: the grid's jobs with no result yet (the grid read from each
 ``multirun.yaml`` by Hydra's own override parser, values compared as values: ``1e6`` is the job
 recorded as ``1000000.0``, see :mod:`lifecycle.sweep`), runs outside the grid, several records
@@ -33,6 +40,7 @@ size per series, robust accuracy vs eps), and the PNGs as images.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -51,6 +59,8 @@ from lifecycle.record import FINISHED, RECORD  # noqa: E402
 from lightning_modules.config import effective_lr  # noqa: E402
 
 ADV_KEY = re.compile(r"^adv/(?P<attack>[a-z]+_[a-z0-9]+)/eps(?P<eps>[0-9.e+-]+)$")
+TARGET_REASONS = frozenset({"target_train_acc", "target_train_loss"})
+EOS_THRESHOLD = 0.8  # eos_ratio at or above this: λ1 is at the stability threshold, limited by lr
 
 
 # ---- reading -------------------------------------------------------------------------------
@@ -132,7 +142,30 @@ def grid_notes(sweep_dir: Path, runs: list[dict], skip: Path | None = None) -> l
     return notes
 
 
-def tidy(runs: list[dict]) -> pd.DataFrame:
+def training_target(record: dict) -> str | None:
+    """The run's training target as text (``train acc >= 0.97``), or None when it had none."""
+    t = (record.get("config", {}).get("callbacks") or {}).get("training_target") or {}
+    parts = []
+    if t.get("target_train_acc") is not None:
+        parts.append(f"train acc >= {t['target_train_acc']:g}")
+    if t.get("target_train_loss") is not None:
+        parts.append(f"train loss <= {t['target_train_loss']:g}")
+    return " or ".join(parts) or None
+
+
+def reached_target(record: dict) -> bool | None:
+    """Whether the run stopped because it reached its training target (``stop_reason``
+    ``target_train_acc`` or ``target_train_loss``). None for a run with no target configured:
+    it ran its budget by design, there was nothing to reach, and it is compared where it stopped."""
+    if record.get("stop_reason") in TARGET_REASONS:
+        return True
+    return None if training_target(record) is None else False
+
+
+def tidy(runs: list[dict], eos_threshold: float = EOS_THRESHOLD) -> pd.DataFrame:
+    """One row per record. Beside the final metrics: ``reached_target`` (see :func:`reached_target`),
+    ``target``, ``stability_threshold`` 2(1+β)/lr, ``eos_ratio`` λ1·lr/(2(1+β)) (how close λ1 came to
+    it; lr before any schedule) and ``lr_limited`` (``eos_ratio >= eos_threshold``)."""
     rows = []
     for r in runs:
         cfg = r.get("config", {})
@@ -143,6 +176,8 @@ def tidy(runs: list[dict]) -> pd.DataFrame:
             "job": r["job"],
             "status": r.get("status"),
             "stop_reason": r.get("stop_reason"),
+            "reached_target": reached_target(r),
+            "target": training_target(r),
             "model": str(cfg.get("model", {}).get("_target_", "")).rsplit(".", 1)[-1],
             "data": cfg.get("data", {}).get("name"),
             "batch_size": opt.get("batch_size"),
@@ -163,6 +198,10 @@ def tidy(runs: list[dict]) -> pd.DataFrame:
             row.setdefault(key, _num(value))
         if row.get("lr") and row.get("momentum") is not None:
             row["stability_threshold"] = 2 * (1 + row["momentum"]) / row["lr"]
+            row["eos_ratio"] = _num(row.get("hessian/lambda_1")) / row["stability_threshold"]
+        else:
+            row["stability_threshold"] = row["eos_ratio"] = math.nan
+        row["lr_limited"] = bool(row["eos_ratio"] >= eos_threshold)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -190,17 +229,45 @@ def _mean_std(part: pd.DataFrame, col: str) -> pd.DataFrame:
     return pd.DataFrame({"mean": g.mean(), "std": g.std().fillna(0.0)}).reset_index()
 
 
+def at_target(df: pd.DataFrame) -> pd.Series:
+    """The runs that count in means and verdicts: reached their target, or had none to reach."""
+    if "reached_target" not in df:
+        return pd.Series(True, index=df.index)
+    return ~df["reached_target"].eq(False)
+
+
+def _draw_vs_batch(ax, part, col, label, color):
+    """Mean ± std over the seeds at target as a line; each run short of its target as a hollow square
+    (not in the mean). Returns whether anything was drawn."""
+    part = part.dropna(subset=[col])
+    ok = at_target(part)
+    if ok.any():
+        s = _mean_std(part[ok], col)
+        ax.errorbar(
+            s["batch_size"], s["mean"], yerr=s["std"], marker="o", capsize=3, color=color, label=label
+        )
+    if (~ok).any():
+        ax.plot(
+            part.loc[~ok, "batch_size"],
+            part.loc[~ok, col],
+            ls="none",
+            marker="s",
+            markersize=7,
+            markerfacecolor="none",
+            markeredgecolor=color,
+            label=f"not at target, {label}",
+        )
+    return len(part) > 0
+
+
 def _plot_vs_batch(ax, df, col, ylabel, threshold=False):
-    for label, part in _series(df):
-        if col not in part or part[col].isna().all():
+    for i, (label, part) in enumerate(_series(df)):
+        color = f"C{i % 10}"
+        if col not in part or not _draw_vs_batch(ax, part, col, label, color):
             continue
-        s = _mean_std(part.dropna(subset=[col]), col)
-        line = ax.errorbar(s["batch_size"], s["mean"], yerr=s["std"], marker="o", capsize=3, label=label)
         if threshold and "stability_threshold" in part:
             t = part.groupby("batch_size")["stability_threshold"].mean()
-            ax.plot(
-                t.index, t.values, ls="--", color=line[0].get_color(), alpha=0.6, label=f"2(1+β)/lr, {label}"
-            )
+            ax.plot(t.index, t.values, ls="--", color=color, alpha=0.6, label=f"2(1+β)/lr, {label}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel(ylabel)
@@ -242,11 +309,26 @@ def figure_robust(df, out):
         return
     fig, axes = plt.subplots(1, len(attacks), figsize=(6 * len(attacks), 4.5), squeeze=False)
     for ax, (attack, cols) in zip(axes[0], sorted(attacks.items()), strict=True):
+        eps = [e for e, _ in cols]
+        n = 0
         for label, part in _series(df):
             for b, sub in part.groupby("batch_size"):
-                eps = [e for e, _ in cols]
-                acc = [sub[c].mean() for _, c in cols]
-                ax.plot(eps, acc, marker="o", label=f"B={b}, {label}")
+                color = f"C{n % 10}"
+                n += 1
+                ok = at_target(sub)
+                if ok.any():
+                    acc = [sub.loc[ok, c].mean() for _, c in cols]
+                    ax.plot(eps, acc, marker="o", color=color, label=f"B={b}, {label}")
+                for i, (_, run) in enumerate(sub[~ok].iterrows()):  # each run short of its target
+                    ax.plot(
+                        eps,
+                        [run[c] for _, c in cols],
+                        ls=":",
+                        marker="s",
+                        markerfacecolor="none",
+                        color=color,
+                        label=f"B={b}, {label}, not at target" if i == 0 else None,
+                    )
         ax.set_title(f"robust accuracy, {attack}")
         ax.set_xlabel("eps (pixel units)")
         ax.set_ylabel("accuracy")
@@ -262,18 +344,10 @@ def figure_momentum(df, out):
     fig, axes = plt.subplots(2, len(rules), figsize=(6 * len(rules), 8), squeeze=False)
     for j, rule in enumerate(rules):
         part = df[df["lr_rule"] == rule]
-        for m, sub in part.groupby("momentum"):
+        for k, (m, sub) in enumerate(part.groupby("momentum")):
             for i, (col, name) in enumerate((("test/acc", "test accuracy"), ("hessian/lambda_1", "λ1"))):
                 if col in sub:
-                    s = _mean_std(sub.dropna(subset=[col]), col)
-                    axes[i][j].errorbar(
-                        s["batch_size"],
-                        s["mean"],
-                        yerr=s["std"],
-                        marker="o",
-                        capsize=3,
-                        label=f"momentum {m}",
-                    )
+                    _draw_vs_batch(axes[i][j], sub, col, f"momentum {m}", f"C{k % 10}")
                 axes[i][j].set_xscale("log", base=2)
                 axes[i][j].set_ylabel(name)
                 axes[i][j].grid(alpha=0.3)
@@ -363,9 +437,319 @@ def _save(fig, path: Path):
     plt.close(fig)
 
 
+# ---- verdicts ------------------------------------------------------------------------------
+ROBUST_ATTACKS = ("autoattack_linf", "worst_linf", "pgd_linf")  # the robust accuracy judged, first found
+VERDICTS = ("rises", "falls", "flat", "mixed", "untestable")
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """What the verdicts call a change (the ``report.py`` options of the same names)."""
+
+    ratio: float = 1.5  # λ1: rises if every seed's ratio >= this, falls if every one <= 1/this
+    points: float = 2.0  # accuracies: rises/falls if every seed's difference is >= +/- this many points
+    min_seeds: int = 2  # fewer seeds at target at a grid point compared: untestable
+    eos: float = EOS_THRESHOLD  # eos_ratio >= this: the run is limited by its learning rate
+    robust_eps: float = 0.1  # the eps of the robust accuracy judged
+    momenta: tuple[float, float] = (0.0, 0.9)  # momentum verdicts: the second minus the first
+
+    def __post_init__(self):
+        for ok, name, value, must in (
+            (self.ratio > 1, "ratio threshold", self.ratio, "must be > 1"),
+            (self.points >= 0, "points threshold", self.points, "must be >= 0"),
+            (self.min_seeds >= 1, "min seeds", self.min_seeds, "must be >= 1"),
+            (self.eos > 0, "eos threshold", self.eos, "must be > 0"),
+            (self.robust_eps >= 0, "robust eps", self.robust_eps, "must be >= 0"),
+            (len(self.momenta) == 2, "momenta", self.momenta, "must be two values"),
+        ):
+            if not ok:
+                raise ValueError(f"{name} {value!r} {must}")
+
+
+def classify(values: list[float], measure: str, th: Thresholds) -> str:
+    """rises / falls / flat / mixed for per-seed ratios (``measure="ratio"``) or point differences.
+
+    rises if every value >= up, falls if every value <= down, flat if every value is within
+    [down, up], else mixed; up/down are ``ratio``/``1/ratio`` or ``+points``/``-points``. A value
+    exactly on a threshold counts as a change (rises/falls are tested first).
+    """
+    up, down = (th.ratio, 1 / th.ratio) if measure == "ratio" else (th.points, -th.points)
+    if all(v >= up for v in values):
+        return "rises"
+    if all(v <= down for v in values):
+        return "falls"
+    if all(down <= v <= up for v in values):
+        return "flat"
+    return "mixed"
+
+
+def robust_column(df: pd.DataFrame, eps: float) -> tuple[str | None, str]:
+    """The robust accuracy the verdicts judge: ``adv/<attack>/eps<eps>`` for the first attack of
+    :data:`ROBUST_ATTACKS` the runs have at ``eps``; else None and why."""
+    attacks = adv_columns(df)
+    for attack in ROBUST_ATTACKS:
+        for e, col in attacks.get(attack, []):
+            if math.isclose(e, eps, rel_tol=1e-9, abs_tol=1e-12):
+                return col, ""
+    have = "; ".join(
+        f"{a}: eps {', '.join(f'{e:g}' for e, _ in cols)}" for a, cols in sorted(attacks.items())
+    )
+    return None, (
+        f"no robust accuracy at eps {eps:g} from {', '.join(ROBUST_ATTACKS)} (runs have: {have or 'none'})"
+    )
+
+
+def _fmt(v: float, pct: bool) -> str:
+    return f"{100 * v:.1f}" if pct else f"{v:.4g}"
+
+
+def compare(cell: pd.DataFrame, vary: str, lo, hi, col: str, measure: str, th: Thresholds) -> dict:
+    """One verdict: ``col`` at ``vary = hi`` against ``vary = lo``, per seed, within ``cell``.
+
+    ``cell`` holds the candidate runs (completed; those short of their target are dropped here).
+    Per seed: hi/lo (``measure="ratio"``) or 100·(hi − lo) points (``"points"``, accuracies in [0, 1]).
+    Untestable if either point has fewer than ``th.min_seeds`` seeds at target with a value, or fewer
+    seeds than that have both (or a ratio of non-positive values).
+    """
+    pct = measure == "points"
+    runs = cell[at_target(cell)].dropna(subset=[col]) if col in cell else cell.iloc[:0]
+    per = {}
+    for v in (lo, hi):
+        sel = runs[vary].map(lambda x, v=v: _same(x, v))
+        per[v] = runs[sel].groupby("seed", dropna=False)[col].mean()
+    counts = {v: len(per[v]) for v in (lo, hi)}
+    rows, values = [], []
+    for seed in sorted(set(per[lo].index) & set(per[hi].index), key=str):
+        a, b = float(per[lo][seed]), float(per[hi][seed])
+        if pct:
+            r = 100 * (b - a)
+            rows.append(f"seed {seed}: {_fmt(a, pct)} -> {_fmt(b, pct)} ({r:+.1f} pts)")
+        else:
+            r = b / a if a > 0 and b > 0 else math.nan
+            rows.append(f"seed {seed}: {_fmt(a, pct)} -> {_fmt(b, pct)} (x{r:.3g})")
+        if math.isfinite(r):
+            values.append(r)
+    few = [v for v in (lo, hi) if counts[v] < th.min_seeds]
+    if few:
+        verdict = "untestable"
+        reason = (
+            "; ".join(
+                f"{_point(vary, v)}: {counts[v]} seed{'s' if counts[v] != 1 else ''} at target" for v in few
+            )
+            + f" (need {th.min_seeds})"
+        )
+    elif len(values) < th.min_seeds:
+        verdict = "untestable"
+        reason = f"{len(values)} seeds comparable at both points (need {th.min_seeds})"
+    else:
+        verdict, reason = classify(values, measure, th), ""
+    return {
+        "compared": f"{_point(vary, hi)} vs {_point(vary, lo)}",
+        "measure": measure,
+        "verdict": verdict,
+        "n_seeds": len(values),
+        "values": ", ".join(f"{v:.4g}" for v in values),
+        "per_seed": "; ".join(rows),
+        "seeds_at_target": f"{_point(vary, lo)}: {counts[lo]}; {_point(vary, hi)}: {counts[hi]}",
+        "reason": reason,
+    }
+
+
+def _same(x, v) -> bool:
+    if isinstance(x, int | float) and isinstance(v, int | float):
+        return math.isclose(x, v, rel_tol=1e-9, abs_tol=1e-12)
+    return x == v
+
+
+def _point(vary: str, v) -> str:
+    return {"batch_size": f"B={v:g}", "momentum": f"β={v:g}"}.get(vary, str(v))
+
+
+EXPECTED = {  # STUDY.md's trends, natural training: (metric, lr rule) -> verdict vs batch size
+    ("lambda_1", "fixed"): "rises",
+    ("lambda_1", "ratio"): "flat",
+    ("test_acc", "fixed"): "falls",
+    ("test_acc", "ratio"): "flat",
+    ("robust_acc", "fixed"): "falls",
+    ("robust_acc", "ratio"): "flat",
+}
+
+
+def verdicts(df: pd.DataFrame, th: Thresholds | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """The study's trends judged over seeds; returns the table and notes on what was skipped.
+
+    - ``batch_size``: per (lr rule, momentum, training) and metric, the largest batch size of the
+      cell against its smallest (the grid's, whatever reached its target);
+    - ``momentum``: per (lr rule, training, batch size), ``th.momenta[1]`` against ``th.momenta[0]``,
+      for test accuracy and λ1;
+    - ``training``: per (lr rule, momentum, batch size), λ1 of adversarial against natural training.
+    Only completed runs count, and of them those at target (:func:`at_target`).
+    """
+    th = th or Thresholds()
+    notes: list[str] = []
+    rows: list[dict] = []
+    if not len(df) or "batch_size" not in df:
+        return pd.DataFrame(rows), notes
+    done = df[df["status"] == "completed"]
+    rcol, why = robust_column(df, th.robust_eps)
+    if rcol is None:
+        notes.append(f"robust accuracy verdicts skipped: {why}")
+    metrics = [("lambda_1", "hessian/lambda_1", "ratio"), ("test_acc", "test/acc", "points")]
+    metrics += [("robust_acc", rcol, "points")] if rcol else []
+
+    def cells(keys):
+        for values, cell in df.groupby(keys, dropna=False):
+            yield dict(zip(keys, values, strict=True)), cell
+
+    for fixed, cell in cells(["lr_rule", "momentum", "training"]):
+        sizes = sorted(cell["batch_size"].dropna().unique())
+        if len(sizes) < 2:
+            continue
+        sub = done.loc[done.index.intersection(cell.index)]
+        for name, col, measure in metrics:
+            row = {"kind": "batch_size", "metric": name, "column": col, **fixed, "batch_size": math.nan}
+            row |= compare(sub, "batch_size", sizes[0], sizes[-1], col, measure, th)
+            row["expected"] = (
+                EXPECTED.get((name, fixed["lr_rule"]), "") if fixed["training"] == "natural" else ""
+            )
+            rows.append(row)
+
+    lo, hi = th.momenta
+    momenta = df["momentum"].dropna()
+    if momenta.map(lambda m: _same(m, lo)).any() and momenta.map(lambda m: _same(m, hi)).any():
+        for fixed, cell in cells(["lr_rule", "training", "batch_size"]):
+            sub = done.loc[done.index.intersection(cell.index)]
+            for name, col, measure in metrics[:2]:
+                row = {"kind": "momentum", "metric": name, "column": col, **fixed, "momentum": math.nan}
+                rows.append(row | compare(sub, "momentum", lo, hi, col, measure, th) | {"expected": ""})
+    elif df["momentum"].nunique() > 1:
+        notes.append(f"momentum verdicts skipped: the runs do not have both momentum {lo:g} and {hi:g}")
+
+    if {"natural", "adversarial"} <= set(df["training"]):
+        for fixed, cell in cells(["lr_rule", "momentum", "batch_size"]):
+            sub = done.loc[done.index.intersection(cell.index)]
+            row = {"kind": "training", "metric": "lambda_1", "column": "hessian/lambda_1", **fixed}
+            row |= compare(sub, "training", "natural", "adversarial", "hessian/lambda_1", "ratio", th)
+            rows.append(row | {"training": "adversarial vs natural", "expected": "falls"})
+    columns = ["kind", "metric", "lr_rule", "momentum", "training", "batch_size", "compared", "verdict"]
+    columns += ["expected", "measure", "n_seeds", "values", "per_seed", "seeds_at_target", "reason", "column"]
+    return pd.DataFrame(rows, columns=columns), notes
+
+
+def worst_case_gap(df: pd.DataFrame) -> pd.DataFrame | None:
+    """Per eps, how far the epoch-end PGD accuracy is above the worst case (``autoattack_linf``), in
+    points over the completed runs that have both: mean, max and the run of the max. None when the
+    runs have no ``adv/autoattack_linf/eps*`` (or no PGD at the same eps)."""
+    attacks = adv_columns(df)
+    pgd = dict(attacks.get("pgd_linf", []))
+    rows = []
+    for eps, col in attacks.get("autoattack_linf", []):
+        pcol = next((c for e, c in pgd.items() if math.isclose(e, eps, rel_tol=1e-9, abs_tol=1e-12)), None)
+        if pcol is None:
+            continue
+        both = df[df["status"] == "completed"].dropna(subset=[col, pcol])
+        if not len(both):
+            continue
+        gap = 100 * (both[pcol] - both[col])
+        rows.append(
+            {
+                "eps": eps,
+                "n_runs": len(both),
+                "pgd_mean": both[pcol].mean(),
+                "worst_case_mean": both[col].mean(),
+                "gap_mean_points": gap.mean(),
+                "gap_max_points": gap.max(),
+                "gap_max_job": both.loc[gap.idxmax(), "job"],
+            }
+        )
+    return pd.DataFrame(rows) if rows else None
+
+
+def _md_table(df: pd.DataFrame, columns: list[str]) -> list[str]:
+    def cell(v):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return ""
+        return f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "/")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df[columns].itertuples(index=False)]
+    return lines
+
+
+def write_verdicts(df, table, gap, notes, th: Thresholds, out: Path) -> None:
+    """``verdicts.csv`` and ``verdicts.md`` (thresholds, verdicts with their per-seed values, runs
+    limited by lr, runs short of their target, the worst-case gap) in ``out``."""
+    table.to_csv(out / "verdicts.csv", index=False)
+    md = [
+        "# Verdicts",
+        "",
+        f"Thresholds: ratio {th.ratio:g} (λ1: *rises* if every seed's ratio is >= {th.ratio:g}, *falls* "
+        f"if every one is <= 1/{th.ratio:g} = {1 / th.ratio:.3g}, *flat* if every one is in between, else "
+        f"*mixed*); points {th.points:g} (accuracies: the same with differences in percentage points, "
+        f"+/-{th.points:g}); at least {th.min_seeds} seeds at target at each point compared, else "
+        f"*untestable*; robust accuracy at eps {th.robust_eps:g} (first of {', '.join(ROBUST_ATTACKS)} "
+        f"the runs have); momentum: β={th.momenta[1]:g} vs β={th.momenta[0]:g}; learning-rate limited: "
+        f"eos_ratio = λ1·lr/(2(1+β)) >= {th.eos:g}.",
+        "",
+        "Only completed runs that reached their training target (or had none) count. *expected* is "
+        "STUDY.md's trend (natural training). Per seed: the value at the first point -> at the second "
+        "(accuracies in %), and the ratio or the difference judged.",
+        "",
+    ]
+    titles = {
+        "batch_size": "## Batch size: the largest against the smallest",
+        "momentum": f"## Momentum: β={th.momenta[1]:g} against β={th.momenta[0]:g}",
+        "training": "## Adversarial against natural training: λ1",
+    }
+    cols = ["metric", "lr_rule", "momentum", "training", "batch_size", "compared", "verdict", "expected"]
+    cols += ["per_seed", "reason"]
+    for kind, title in titles.items():
+        part = table[table["kind"] == kind] if len(table) else table
+        if len(part):
+            md += [title, "", *_md_table(part, [c for c in cols if part[c].notna().any()]), ""]
+    ok = df[df["status"] == "completed"] if len(df) else df
+    md += [f"## Runs limited by the learning rate (eos_ratio >= {th.eos:g})", ""]
+    lim = ok[ok["lr_limited"]] if "lr_limited" in ok else ok.iloc[:0]
+    if len(lim):
+        md += _md_table(lim, ["job", "batch_size", "lr", "momentum", "hessian/lambda_1", "eos_ratio"])
+    else:
+        md.append("none")
+    md += ["", "## Runs short of their training target (hollow markers, left out of means and verdicts)", ""]
+    short = ok[~at_target(ok)] if len(ok) else ok
+    if len(short):
+        md += _md_table(short, [c for c in NOT_AT_TARGET if c in short])
+    else:
+        md.append("none")
+    md += ["", "## Worst-case gap: epoch-end PGD minus AutoAttack accuracy (points)", ""]
+    if gap is not None:
+        md += _md_table(gap, list(gap.columns))
+    else:
+        md.append("no adv/autoattack_linf/eps* keys in the runs: skipped")
+    if notes:
+        md += ["", "## Notes", "", *[f"- {n}" for n in notes]]
+    (out / "verdicts.md").write_text("\n".join(md) + "\n")
+
+
+NOT_AT_TARGET = [
+    "job",
+    "stop_reason",
+    "target",
+    "batch_size",
+    "lr_rule",
+    "lr",
+    "momentum",
+    "training",
+    "seed",
+]
+NOT_AT_TARGET += ["epochs", "steps", "train/acc", "train/loss"]
+
+
 # ---- main ------------------------------------------------------------------------------------
-def report(sweep_dir: Path, out: Path | None = None) -> tuple[pd.DataFrame, list[str]]:
-    """Write the CSV and figures; return the table and the readable notes about missing jobs."""
+def report(
+    sweep_dir: Path, out: Path | None = None, thresholds: Thresholds | None = None
+) -> tuple[pd.DataFrame, list[str]]:
+    """Write the CSVs, figures and verdicts; return the table and the readable notes."""
+    th = thresholds or Thresholds()
     out = out or sweep_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     runs, notes = load_runs(sweep_dir, skip=out)
@@ -375,9 +759,20 @@ def report(sweep_dir: Path, out: Path | None = None) -> tuple[pd.DataFrame, list
             notes.append(f"{r['job']}: {r.get('status')}" + (f" ({r['error']})" if r.get("error") else ""))
         elif r.get("status") == "diverged":
             notes.append(f"{r['job']}: diverged (excluded from the figures)")
-    df = tidy(runs)
+    df = tidy(runs, eos_threshold=th.eos)
     df.to_csv(out / "runs.csv", index=False)
     good = df[df["status"] == "completed"] if len(df) else df
+    notes += convergence_notes(good, th)
+    short = good[~at_target(good)] if len(good) else good
+    short.reindex(columns=NOT_AT_TARGET).to_csv(out / "not_at_target.csv", index=False)
+    table, verdict_notes = verdicts(df, th)
+    gap = worst_case_gap(good) if len(good) else None
+    if gap is not None:
+        gap.to_csv(out / "worst_case_gap.csv", index=False)
+    else:
+        verdict_notes.append("worst-case gap skipped: the runs have no adv/autoattack_linf/eps* keys")
+    write_verdicts(df, table, gap, verdict_notes, th, out)
+    notes += verdict_notes
     if len(good):
         figure_eigenvalue(good, out)
         figure_accuracy(good, out)
@@ -388,6 +783,37 @@ def report(sweep_dir: Path, out: Path | None = None) -> tuple[pd.DataFrame, list
             if r.get("status") == "completed":
                 figure_run(r, out)
     return df, notes
+
+
+def convergence_notes(good: pd.DataFrame, th: Thresholds) -> list[str]:
+    """Notes on the completed runs: short of their target, without one, limited by the lr."""
+    if not len(good):
+        return []
+    notes = []
+    short = good[good["reached_target"].eq(False)]
+    if len(short):
+        notes.append(
+            f"{len(short)} completed run{'s' if len(short) != 1 else ''} stopped short of the training "
+            "target (hollow markers; left out of the means and verdicts; not_at_target.csv): "
+            + "; ".join(
+                f"{r.job} ({r.stop_reason}, train acc {_num(getattr(r, 'train_acc', math.nan)):.3g})"
+                for r in short.rename(columns={"train/acc": "train_acc"}).itertuples()
+            )
+        )
+    free = good[good["reached_target"].isna()]
+    if len(free):
+        notes.append(
+            f"{len(free)} completed run{'s' if len(free) != 1 else ''} had no training target: compared "
+            "where they stopped (reached_target empty): " + "; ".join(sorted(free["job"]))
+        )
+    lim = good[good["lr_limited"]]
+    if len(lim):
+        notes.append(
+            f"{len(lim)} run{'s' if len(lim) != 1 else ''} limited by the learning rate, not the batch "
+            f"size (eos_ratio = λ1·lr/(2(1+β)) >= {th.eos:g}): "
+            + "; ".join(f"{r.job} ({r.eos_ratio:.2f})" for r in lim.itertuples())
+        )
+    return notes
 
 
 CHARTS = (  # (key, column, title): the figures' panels, as means over seeds vs batch size
@@ -416,7 +842,7 @@ def chart_tables(df: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, str, str, st
             continue
         y, rows = _field(col), []
         for label, part in _series(df):
-            s = _mean_std(part.dropna(subset=[col]), col)
+            s = _mean_std(part[at_target(part)].dropna(subset=[col]), col)
             rows += [
                 {"batch_size": b, y: m, "std": sd, "series": label} for b, m, sd in s.itertuples(index=False)
             ]
@@ -429,7 +855,7 @@ def chart_tables(df: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, str, str, st
     for attack, cols in sorted(adv_columns(df).items()):
         rows = []
         for label, part in _series(df):
-            for b, sub in part.groupby("batch_size"):
+            for b, sub in part[at_target(part)].groupby("batch_size"):
                 rows += [
                     {
                         "eps": e,
@@ -491,13 +917,62 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--wandb", action="store_true", help="also log the table and figures as a W&B report run"
     )
+    d = Thresholds()
+    verdict = parser.add_argument_group("verdicts (verdicts.csv, verdicts.md)")
+    verdict.add_argument(
+        "--ratio-threshold", type=float, default=d.ratio, help=f"λ1 ratio called a change (default {d.ratio})"
+    )
+    verdict.add_argument(
+        "--points-threshold",
+        type=float,
+        default=d.points,
+        help=f"accuracy difference in points called a change (default {d.points})",
+    )
+    verdict.add_argument(
+        "--min-seeds",
+        type=int,
+        default=d.min_seeds,
+        help=f"seeds at target needed at each point compared (default {d.min_seeds})",
+    )
+    verdict.add_argument(
+        "--eos-threshold",
+        type=float,
+        default=d.eos,
+        help=f"eos_ratio = λ1·lr/(2(1+β)) from which a run counts as limited by lr (default {d.eos})",
+    )
+    verdict.add_argument(
+        "--robust-eps",
+        type=float,
+        default=d.robust_eps,
+        help=f"eps of the robust accuracy judged (default {d.robust_eps})",
+    )
+    verdict.add_argument(
+        "--momenta",
+        type=float,
+        nargs=2,
+        default=list(d.momenta),
+        metavar=("LOW", "HIGH"),
+        help="momentum verdicts compare HIGH against LOW (default 0 0.9)",
+    )
     args = parser.parse_args(argv)
+    try:
+        th = Thresholds(
+            args.ratio_threshold,
+            args.points_threshold,
+            args.min_seeds,
+            args.eos_threshold,
+            args.robust_eps,
+            tuple(args.momenta),
+        )
+    except ValueError as e:
+        parser.error(str(e))
     if not args.sweep_dir.is_dir():
         print(f"error: {args.sweep_dir} is not a directory", file=sys.stderr)
         return 2
     out = args.out or args.sweep_dir / "report"
-    df, notes = report(args.sweep_dir, out)
+    df, notes = report(args.sweep_dir, out, th)
     print(f"[report] {len(df)} runs -> {out / 'runs.csv'}")
+    print(f"[report] verdicts -> {out / 'verdicts.md'}")
     for png in sorted(out.rglob("*.png")):
         print(f"[report] figure: {png}")
     for note in notes:
