@@ -18,7 +18,7 @@ Reads every job's ``results.json`` under the sweep directory and writes, into ``
 - ``accuracy_vs_batch.png``: test accuracy and generalization gap vs batch size;
 - ``robust_vs_eps.png``: robust accuracy vs eps, one line per batch size, per attack;
 - ``momentum.png``: test accuracy and top eigenvalue vs batch size for each momentum,
-  fixed lr vs constant ratio side by side;
+  fixed lr vs constant ratio side by side (natural training only, when both kinds were run);
 - ``natural_vs_robust.png``: natural vs adversarial training across batch sizes;
 - ``runs/<job>.png``: per-run curves over epochs (top eigenvalue with its 2(1+β)/lr line,
   train/test accuracy, robust accuracy).
@@ -341,6 +341,8 @@ def figure_momentum(df, out):
     rules = sorted(df["lr_rule"].dropna().unique())
     if df["momentum"].nunique() < 2:
         return
+    if df["training"].nunique() > 1 and (df["training"] == "natural").any():
+        df = df[df["training"] == "natural"]  # adversarial training is natural_vs_robust.png's
     fig, axes = plt.subplots(2, len(rules), figsize=(6 * len(rules), 8), squeeze=False)
     for j, rule in enumerate(rules):
         part = df[df["lr_rule"] == rule]
@@ -562,7 +564,8 @@ def _same(x, v) -> bool:
 
 
 def _point(vary: str, v) -> str:
-    return {"batch_size": f"B={v:g}", "momentum": f"β={v:g}"}.get(vary, str(v))
+    prefix = {"batch_size": "B=", "momentum": "β="}.get(vary)
+    return f"{prefix}{v:g}" if prefix else str(v)
 
 
 EXPECTED = {  # STUDY.md's trends, natural training: (metric, lr rule) -> verdict vs batch size

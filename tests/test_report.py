@@ -175,3 +175,100 @@ def test_a_capped_run_is_marked_left_out_of_means_and_verdicts_and_listed(tmp_pa
     assert list(lines[f"2(1+β)/lr, {label}"].get_ydata()) == pytest.approx([380.0, 380.0])
     plt.close(fig)
     assert (tmp_path / "out" / "eigenvalue_vs_batch.png").stat().st_size > 10_000
+
+
+def test_momentum_and_training_verdicts_per_batch_size_and_seed():
+    recs = []
+    for seed, (acc0, acc9) in enumerate(((0.90, 0.95), (0.91, 0.94))):  # momentum: +5, +3 points at B=32
+        recs += [record(32, seed, 10.0, acc0, momentum=0.0), record(32, seed, 10.0, acc9, momentum=0.9)]
+    for seed, (nat, adv) in enumerate(((20.0, 5.0), (30.0, 10.0))):  # adversarial/natural: x0.25, x0.33
+        recs += [record(64, seed, nat, 0.9), record(64, seed, adv, 0.9, adversarial=True)]
+    table, _ = report.verdicts(frame(recs))
+    acc = verdict(table, "momentum", "test_acc", batch_size=32)
+    assert (acc["verdict"], acc["compared"], acc["values"]) == ("rises", "β=0.9 vs β=0", "5, 3")
+    assert verdict(table, "momentum", "lambda_1", batch_size=32)["verdict"] == "flat"
+    assert (
+        verdict(table, "momentum", "test_acc", batch_size=64, training="natural")["reason"]
+        == "β=0: 0 seeds at target (need 2)"
+    )
+    adv = verdict(table, "training", "lambda_1", batch_size=64)
+    assert (adv["verdict"], adv["compared"], adv["expected"]) == ("falls", "adversarial vs natural", "falls")
+    assert adv["per_seed"] == "seed 0: 20 -> 5 (x0.25); seed 1: 30 -> 10 (x0.333)"
+    table, _ = report.verdicts(frame(recs), report.Thresholds(momenta=(0.0, 0.5)))
+    assert "momentum" not in set(table["kind"])  # no run has momentum 0.5
+
+
+def test_robust_accuracy_prefers_autoattack_then_worst_then_pgd_at_the_chosen_eps():
+    df = pd.DataFrame(columns=["adv/pgd_linf/eps0.1", "adv/worst_linf/eps0.1", "adv/autoattack_linf/eps0.05"])
+    assert report.robust_column(df, 0.1) == ("adv/worst_linf/eps0.1", "")
+    assert report.robust_column(df, 0.05) == ("adv/autoattack_linf/eps0.05", "")
+    col, why = report.robust_column(df, 0.3)
+    assert col is None and "pgd_linf: eps 0.1" in why and "autoattack_linf: eps 0.05" in why
+    recs = [
+        record(b, s, 10.0, 0.9, adv={"adv/pgd_linf/eps0.1": pgd, "adv/autoattack_linf/eps0.1": aa})
+        for s in (0, 1)
+        for b, pgd, aa in ((32, 0.80, 0.70), (512, 0.75, 0.60))  # autoattack: -10 points; pgd: -5
+    ]
+    table, _ = report.verdicts(frame(recs))
+    row = verdict(table, "batch_size", "robust_acc")
+    assert (row["column"], row["verdict"], row["values"]) == (
+        "adv/autoattack_linf/eps0.1",
+        "falls",
+        "-10, -10",
+    )
+    table, _ = report.verdicts(frame(recs), report.Thresholds(points=10.5))
+    assert verdict(table, "batch_size", "robust_acc")["verdict"] == "flat"
+
+
+def test_worst_case_gap_per_eps_mean_and_max_and_skipped_without_autoattack():
+    adv = [  # (pgd, autoattack) at eps 0.1 and 0.2
+        {"adv/pgd_linf/eps0.1": 0.80, "adv/autoattack_linf/eps0.1": 0.78,
+         "adv/pgd_linf/eps0.2": 0.40, "adv/autoattack_linf/eps0.2": 0.30},
+        {"adv/pgd_linf/eps0.1": 0.70, "adv/autoattack_linf/eps0.1": 0.64,
+         "adv/pgd_linf/eps0.2": 0.20, "adv/autoattack_linf/eps0.2": 0.20},
+    ]  # fmt: skip
+    df = frame([record(32, s, 10.0, 0.9, adv=a) for s, a in enumerate(adv)])
+    gap = report.worst_case_gap(df).set_index("eps")
+    assert gap.loc[0.1, "gap_mean_points"] == pytest.approx(4.0) and gap.loc[
+        0.1, "gap_max_points"
+    ] == pytest.approx(6)
+    assert gap.loc[0.2, "gap_mean_points"] == pytest.approx(5.0) and gap.loc[
+        0.2, "gap_max_points"
+    ] == pytest.approx(10)
+    assert gap.loc[0.1, "gap_max_job"] == "job1" and gap.loc[0.2, "gap_max_job"] == "job0"
+    assert list(gap["n_runs"]) == [2, 2]
+    assert report.worst_case_gap(frame([record(32, 0, 10.0, 0.9, adv={"adv/pgd_linf/eps0.1": 0.8})])) is None
+
+
+def test_cli_thresholds_are_used_and_recorded_in_verdicts_md(tmp_path, capsys):
+    adv = {"adv/pgd_linf/eps0.1": 0.8, "adv/autoattack_linf/eps0.1": 0.75}
+    recs = [record(b, 0, lam, 0.9, adv=adv) for b, lam in ((32, 10.0), (512, 20.0))]  # one seed, x2
+    sweep = write(tmp_path / "sweep", recs)
+    out = tmp_path / "out"
+    assert report.main([str(sweep), "--out", str(out)]) == 0
+    assert verdict(pd.read_csv(out / "verdicts.csv"), "batch_size", "lambda_1")["verdict"] == "untestable"
+    assert "no adv/autoattack" not in (out / "verdicts.md").read_text()
+    assert pd.read_csv(out / "worst_case_gap.csv")["gap_mean_points"].tolist() == pytest.approx([5.0])
+    argv = [
+        str(sweep),
+        "--out",
+        str(out),
+        "--min-seeds",
+        "1",
+        "--ratio-threshold",
+        "2.5",
+        "--eos-threshold",
+        "0.5",
+    ]
+    assert (
+        report.main([*argv, "--points-threshold", "3", "--robust-eps", "0.1", "--momenta", "0", "0.5"]) == 0
+    )
+    assert (
+        verdict(pd.read_csv(out / "verdicts.csv"), "batch_size", "lambda_1")["verdict"] == "flat"
+    )  # x2 < 2.5
+    md = (out / "verdicts.md").read_text()
+    for text in ("ratio 2.5", "points 3", "at least 1 seeds", "eps 0.1", "β=0.5 vs β=0", ">= 0.5."):
+        assert text in md, text
+    with pytest.raises(SystemExit):
+        report.main([str(sweep), "--ratio-threshold", "0.9"])
+    assert "ratio threshold 0.9 must be > 1" in capsys.readouterr().err
