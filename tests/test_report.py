@@ -183,17 +183,22 @@ def test_momentum_and_training_verdicts_per_batch_size_and_seed():
         recs += [record(32, seed, 10.0, acc0, momentum=0.0), record(32, seed, 10.0, acc9, momentum=0.9)]
     for seed, (nat, adv) in enumerate(((20.0, 5.0), (30.0, 10.0))):  # adversarial/natural: x0.25, x0.33
         recs += [record(64, seed, nat, 0.9), record(64, seed, adv, 0.9, adversarial=True)]
+    for seed in (0, 1):  # B=128: seed 1 without momentum stopped at its cap
+        stop = "max_steps" if seed else "target_train_acc"
+        recs += [record(128, seed, 10.0, 0.9, momentum=0.0, stop=stop), record(128, seed, 10.0, 0.9)]
     table, _ = report.verdicts(frame(recs))
     acc = verdict(table, "momentum", "test_acc", batch_size=32)
     assert (acc["verdict"], acc["compared"], acc["values"]) == ("rises", "β=0.9 vs β=0", "5, 3")
     assert verdict(table, "momentum", "lambda_1", batch_size=32)["verdict"] == "flat"
+    capped = verdict(table, "momentum", "test_acc", batch_size=128)
+    assert (capped["verdict"], capped["reason"]) == ("untestable", "β=0: 1 seed at target (need 2)")
+    # rows only where the grid has both sides: no momentum pair at B=64, no adversarial run at 32, 128
+    assert set(table.loc[table["kind"] == "momentum", "batch_size"]) == {32, 128}
+    adv = verdict(table, "training", "lambda_1")
+    assert (adv["batch_size"], adv["verdict"], adv["compared"]) == (64, "falls", "adversarial vs natural")
     assert (
-        verdict(table, "momentum", "test_acc", batch_size=64, training="natural")["reason"]
-        == "β=0: 0 seeds at target (need 2)"
+        adv["per_seed"] == "seed 0: 20 -> 5 (x0.25); seed 1: 30 -> 10 (x0.333)" and adv["expected"] == "falls"
     )
-    adv = verdict(table, "training", "lambda_1", batch_size=64)
-    assert (adv["verdict"], adv["compared"], adv["expected"]) == ("falls", "adversarial vs natural", "falls")
-    assert adv["per_seed"] == "seed 0: 20 -> 5 (x0.25); seed 1: 30 -> 10 (x0.333)"
     table, _ = report.verdicts(frame(recs), report.Thresholds(momenta=(0.0, 0.5)))
     assert "momentum" not in set(table["kind"])  # no run has momentum 0.5
 
