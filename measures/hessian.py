@@ -246,8 +246,18 @@ class HessianOperator:
     def _second_backward(
         self, grads: list[torch.Tensor], index: list[int], v: torch.Tensor, retain: bool
     ) -> torch.Tensor:
-        """``∂(g·v)/∂θ`` through kept gradient graphs, flattened (zeros where unused)."""
-        views = self._views(v)
+        """``∂(g·v)/∂θ`` through kept gradient graphs, flattened (zeros where unused).
+
+        ``v`` is one flat vector ``(dim,)``, or a block ``(b, dim)`` whose rows go through one
+        batched backward (``is_grads_batched``), giving ``(b, dim)``.
+        """
+        if v.dim() == 1:
+            views = self._views(v)
+        else:
+            views = [
+                t.reshape(len(v), *p.shape)
+                for t, p in zip(torch.split(v, self._numels, dim=1), self.params, strict=True)
+            ]
         hv = torch.autograd.grad(
             grads,
             self.params,
@@ -255,12 +265,16 @@ class HessianOperator:
             retain_graph=retain,
             allow_unused=True,
             materialize_grads=True,
+            is_grads_batched=v.dim() == 2,
         )
-        return torch.cat([h.reshape(-1) for h in hv])
+        return torch.cat([h.reshape(*v.shape[:-1], -1) for h in hv], dim=-1)
 
     def _local_product(self, v: torch.Tensor) -> torch.Tensor:
-        """Σ over this rank's batches of ``n_b · H_b v`` (not yet divided by N, not reduced)."""
-        out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        """Σ over this rank's batches of ``n_b · H_b v`` (not yet divided by N, not reduced).
+
+        ``v``: ``(dim,)``, or ``(b, dim)`` for ``b`` products in one batched backward per batch.
+        """
+        out = torch.zeros_like(v)
         if self._grads is not None:
             if self._grads:
                 out += self._second_backward(self._grads, self._grad_index, v, retain=True)
@@ -280,48 +294,6 @@ class HessianOperator:
                     out += self._second_backward([grads[i] for i in index], index, v, retain=False)
         return out
 
-    def _second_backward_batched(
-        self, grads: list[torch.Tensor], index: list[int], vs: torch.Tensor, retain: bool
-    ) -> torch.Tensor:
-        """``∂(g·v_j)/∂θ`` for the rows ``v_j`` of ``vs`` in one batched backward, ``(b, dim)``."""
-        b = len(vs)
-        views = [
-            t.reshape(b, *p.shape)
-            for t, p in zip(torch.split(vs, self._numels, dim=1), self.params, strict=True)
-        ]
-        hv = torch.autograd.grad(
-            grads,
-            self.params,
-            grad_outputs=[views[i] for i in index],
-            retain_graph=retain,
-            allow_unused=True,
-            materialize_grads=True,
-            is_grads_batched=True,
-        )
-        return torch.cat([h.reshape(b, -1) for h in hv], dim=1)
-
-    def _local_products(self, vs: torch.Tensor) -> torch.Tensor:
-        """Batched :meth:`_local_product`: ``(b, dim)`` in, ``(b, dim)`` out."""
-        out = torch.zeros_like(vs)
-        if self._grads is not None:
-            if self._grads:
-                out += self._second_backward_batched(self._grads, self._grad_index, vs, retain=True)
-            return out
-        if self.cached:
-            return out
-        with preserved_module_state(self.model):
-            for x, y in self.batches:
-                if len(x) == 0:
-                    continue
-                loss_b = self._summed_loss(x, y)
-                if not loss_b.requires_grad:
-                    continue
-                grads = torch.autograd.grad(loss_b, self.params, create_graph=True, allow_unused=True)
-                index = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-                if index:
-                    out += self._second_backward_batched([grads[i] for i in index], index, vs, retain=False)
-        return out
-
     def matmat(self, vs: torch.Tensor) -> torch.Tensor:
         """``H V`` for the columns of ``V`` (``(dim, b)``), as ``b`` products in one batched backward.
 
@@ -335,7 +307,7 @@ class HessianOperator:
             raise ValueError(f"V must have shape ({self.dim}, b), got {tuple(vs.shape)}")
         with gradients_enabled():
             w = vs.detach().T.to(device=self.device, dtype=self.dtype).contiguous()
-            hv = all_reduce_sum(self._local_products(w), self.process_group) / self.n_samples
+            hv = all_reduce_sum(self._local_product(w), self.process_group) / self.n_samples
         self.n_hvp += vs.shape[1]
         return hv.T.to(device=vs.device, dtype=vs.dtype)
 
