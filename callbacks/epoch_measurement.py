@@ -38,7 +38,8 @@ class EpochEndMeasurement(pl.Callback):
 
     A subclass implements ``measure_module(trainer, pl_module) -> {name: value}`` (names under
     ``f"{self.prefix}/"``). This base calls it at the end of every ``every_n_epochs``-th training
-    epoch (after validation) and, with ``at_end``, at the end of the last epoch whatever its
+    epoch (after validation), or with ``every_n_steps`` at the first epoch end after each multiple
+    of that many optimizer steps, and, with ``at_end``, at the end of the last epoch whatever its
     number (:func:`stopping_after_this_epoch`), and logs the values without a sync, so they must be
     the same on every rank. The last epoch's measurement is taken before that epoch's checkpoint
     is written (Lightning runs checkpoint callbacks last), so a run interrupted during it resumes
@@ -47,6 +48,10 @@ class EpochEndMeasurement(pl.Callback):
 
     Args:
         every_n_epochs: measure at the end of every n-th epoch.
+        every_n_steps: instead, measure at the first epoch end at or after every n-th optimizer
+            step (exactly one of the two is set): runs with different batch sizes are then
+            measured at comparable points of training, and a large-batch run, whose epochs are
+            a few steps each, is not measured at every one of its many epochs.
         at_end: measure the final weights too.
         prefix: the metric namespace (``hessian``, ``adv``); two instances of one callback need
             different prefixes. It is also the checkpoint key (:attr:`state_key`), which holds
@@ -60,12 +65,22 @@ class EpochEndMeasurement(pl.Callback):
     has both.
     """
 
-    def __init__(self, every_n_epochs: int, at_end: bool, prefix: str):
+    def __init__(
+        self, every_n_epochs: int | None, at_end: bool, prefix: str, every_n_steps: int | None = None
+    ):
+        for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+            check(
+                value is None or (isinstance(value, int) and value >= 1),
+                name,
+                value,
+                "must be an integer >= 1 (or null)",
+            )
         check(
-            isinstance(every_n_epochs, int) and every_n_epochs >= 1,
-            "every_n_epochs",
-            every_n_epochs,
-            "must be an integer >= 1",
+            (every_n_epochs is None) != (every_n_steps is None),
+            "every_n_steps",
+            every_n_steps,
+            f"set exactly one of every_n_epochs (now {every_n_epochs}) and every_n_steps "
+            "(set the other to null)",
         )
         check(
             isinstance(prefix, str) and prefix != "" and "/" not in prefix,
@@ -73,8 +88,22 @@ class EpochEndMeasurement(pl.Callback):
             prefix,
             "a name without '/'",
         )
-        self.every_n_epochs, self.at_end, self.prefix = every_n_epochs, at_end, prefix
+        self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
+        self.at_end, self.prefix = at_end, prefix
         self._last_step: int | None = None
+
+    @property
+    def schedule(self) -> str:
+        """When it measures, in words (for the callbacks' descriptions)."""
+        if self.every_n_steps is not None:
+            return f"at the first epoch end after every {self.every_n_steps} steps"
+        return f"every {self.every_n_epochs} epoch(s)"
+
+    def due(self, trainer: pl.Trainer) -> bool:
+        """Whether the epoch that is ending is one to measure at (``at_end`` aside)."""
+        if self.every_n_steps is not None:  # a multiple of n steps passed since the last measurement
+            return trainer.global_step // self.every_n_steps > (self._last_step or 0) // self.every_n_steps
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     @property
     def state_key(self) -> str:
@@ -102,8 +131,7 @@ class EpochEndMeasurement(pl.Callback):
         return self.measure_module(trainer, pl_module, *args)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        due = (trainer.current_epoch + 1) % self.every_n_epochs == 0
-        if (due or (self.at_end and stopping_after_this_epoch(trainer))) and (
+        if (self.due(trainer) or (self.at_end and stopping_after_this_epoch(trainer))) and (
             metrics := self._run(trainer, pl_module)
         ):
             log_rank_identical(pl_module, metrics)

@@ -73,7 +73,8 @@ class HessianSpectrum(EpochEndMeasurement):
     :func:`measures.linalg.lanczos_eigenvalues` for what the guards do and do not catch.
 
     Args:
-        every_n_epochs, at_end, prefix: when to measure and the metric namespace
+        every_n_epochs, every_n_steps, at_end, prefix: when to measure (exactly one of
+            ``every_n_epochs`` and ``every_n_steps``) and the metric namespace
             (:class:`~callbacks.epoch_measurement.EpochEndMeasurement`).
         subset_size: fixed training samples (null: the whole training split); ``subset_seed``
             chooses them.
@@ -114,8 +115,9 @@ class HessianSpectrum(EpochEndMeasurement):
         seed: int = 0,
         prefix: str = "hessian",
         progress_after_s: float | None = 5.0,
+        every_n_steps: int | None = None,
     ):
-        super().__init__(every_n_epochs, at_end, prefix)
+        super().__init__(every_n_epochs, at_end, prefix, every_n_steps)
         check(isinstance(k, int) and k >= 1, "k", k, "must be an integer >= 1")
         check(
             subset_size is None or (isinstance(subset_size, int) and subset_size >= 1),
@@ -250,7 +252,7 @@ class HessianSpectrum(EpochEndMeasurement):
         self._data = (x, y)
         rank_zero_info(
             f"[HessianSpectrum] top-{self.k} eigenvalues on {min(self.subset_size or len(dataset), len(dataset))} "
-            f"fixed training samples (BatchNorm in {self.bn_mode} mode) every {self.every_n_epochs} epoch(s), "
+            f"fixed training samples (BatchNorm in {self.bn_mode} mode) {self.schedule}, "
             f"to {self.tol:g} of |λ_1| ({self.stop} stop{', warm-started' if self.warm_start else ''})"
         )
 
