@@ -57,8 +57,8 @@ class AdversarialAccuracy(EpochEndMeasurement):
     default run's) prints nothing.
 
     Args:
-        every_n_epochs, at_end, prefix: when to measure and the metric namespace
-            (:class:`~callbacks.epoch_measurement.EpochEndMeasurement`).
+        every_n_epochs, every_n_steps, at_end, prefix: when to measure (exactly one of the two
+            intervals) and the metric namespace (:class:`~callbacks.epoch_measurement.EpochEndMeasurement`).
         subset_size, subset_seed: the fixed test samples (null: the whole test set).
         batch_size: samples per attack batch.
         eps: the eps grid (pixel units); null: the dataset's ``default_eps``
@@ -91,8 +91,9 @@ class AdversarialAccuracy(EpochEndMeasurement):
         seed: int = 0,
         prefix: str = "adv",
         progress_every_s: float | None = 10.0,
+        every_n_steps: int | None = None,
     ):
-        super().__init__(every_n_epochs, at_end, prefix)
+        super().__init__(every_n_epochs, at_end, prefix, every_n_steps)
         check(
             subset_size is None or (isinstance(subset_size, int) and subset_size >= 1),
             "subset_size",
@@ -231,8 +232,8 @@ class AdversarialAccuracy(EpochEndMeasurement):
         rank_zero_info(
             f"[AdversarialAccuracy] {', '.join(self.attacks)} at eps {eps} "
             f"({'nested' if self.nested_eps else 'each eps on its own'}) on "
-            f"{min(self.subset_size or len(dataset), len(dataset))} fixed test samples every "
-            f"{self.every_n_epochs} epoch(s)"
+            f"{min(self.subset_size or len(dataset), len(dataset))} fixed test samples "
+            f"{self.schedule}"
         )
 
     def measure_module(
