@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from measures.distributed import ProcessGroup, all_reduce_sum
-from measures.module_state import gradients_enabled, preserved_module_state
+from measures.module_state import autograd_input, gradients_enabled, preserved_module_state
+from measures.noise import sample_normal, sample_uniform
 
 NORMS = ("linf", "l2")
 ATTACKS = ("fgsm", "pgd")
@@ -99,11 +100,6 @@ class AttackSpec:
 
 
 # --------------------------------------------------------------------------- primitives
-
-
-def _as_autograd_input(t: torch.Tensor) -> torch.Tensor:
-    """``t`` usable in an autograd graph: inference tensors are cloned, others detached."""
-    return t.clone() if t.is_inference() else t.detach()
 
 
 def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
@@ -169,39 +165,6 @@ def _generator_start(
 
 # --------------------------------------------------------------------------- per-sample noise
 
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(a: torch.Tensor, c: int) -> torch.Tensor:
-    """(a · c) mod 2^32 for int64 ``a`` in [0, 2^32), without int64 overflow."""
-    high = ((a * (c >> 16)) & 0xFFFF) << 16
-    return (high + a * (c & 0xFFFF)) & _M32
-
-
-def _hash32(h: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mixing function (Wellons' lowbias32) on int64 tensors."""
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x7FEB352D)
-    h = h ^ (h >> 15)
-    h = _mul32(h, 0x846CA68B)
-    return h ^ (h >> 16)
-
-
-def _sample_uniform(
-    idx: torch.Tensor, seed: int, stream: int, n: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """Uniform numbers in (0, 1), shape (len(idx), n), a function of (seed, idx, stream, j) only.
-
-    Counter-based: the value for sample ``idx`` and position ``j`` is a hash of those
-    integers, so it is the same whatever batch or rank the sample is in.
-    """
-    idx = idx.to(device=device, dtype=torch.int64)
-    base = _hash32(torch.tensor((seed * 0x9E3779B9 + stream * 0x85EBCA6B) & _M32, device=device))
-    key = _hash32(_hash32(base ^ (idx & _M32)) ^ ((idx >> 32) & _M32))
-    pos = _hash32((torch.arange(n, device=device, dtype=torch.int64) * 0x27D4EB2F + 1) & _M32)
-    bits = _hash32(key[:, None] ^ pos[None, :]) >> 8  # 24 random bits
-    return (bits.to(dtype) + 0.5) * 2.0**-24
-
 
 def per_sample_unit_start(x: torch.Tensor, idx: torch.Tensor, seed: int, norm: str) -> torch.Tensor:
     """Random-start perturbation for eps = 1, each sample's a function of (seed, idx) only.
@@ -211,12 +174,10 @@ def per_sample_unit_start(x: torch.Tensor, idx: torch.Tensor, seed: int, norm: s
     """
     n, d = len(x), x[0].numel()
     if norm == "linf":
-        unit = _sample_uniform(idx, seed, 0, d, x.dtype, x.device) * 2 - 1
+        unit = sample_uniform(idx, seed, 0, d, x.dtype, x.device) * 2 - 1
     else:
-        u1 = _sample_uniform(idx, seed, 1, d, x.dtype, x.device)
-        u2 = _sample_uniform(idx, seed, 2, d, x.dtype, x.device)
-        z = torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
-        radius = _sample_uniform(idx, seed, 3, 1, x.dtype, x.device)
+        z = sample_normal(idx, seed, 1, d, x.dtype, x.device)  # streams 1 and 2
+        radius = sample_uniform(idx, seed, 3, 1, x.dtype, x.device)
         unit = z / z.norm(dim=1, keepdim=True) * radius
     return unit.view(n, *x.shape[1:])
 
@@ -231,7 +192,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torc
     mode, ``.grad``, buffers and the global RNG as found; runs under no_grad/inference_mode.
     """
     with gradients_enabled(), preserved_module_state(model):
-        x, y = _as_autograd_input(x), _as_autograd_input(y)
+        x, y = autograd_input(x), autograd_input(y)
         grad = _input_gradient(model, x, y)
         return (x + eps * grad.sign()).clamp_(0, 1).detach()
 
@@ -279,7 +240,7 @@ def pgd(
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     with gradients_enabled(), preserved_module_state(model):
-        x, y = _as_autograd_input(x), _as_autograd_input(y)
+        x, y = autograd_input(x), autograd_input(y)
         start = _generator_start(x, eps, norm, generator) if random_start else x
         return _pgd_from(model, x, y, start, eps, step_size, steps, norm)
 
@@ -542,7 +503,7 @@ def robust_masks(
     work = AttackWork() if work is None else work
     device = _model_device(model, x.device)
     with gradients_enabled(), preserved_module_state(model):
-        x, y = _as_autograd_input(x.to(device)), _as_autograd_input(y.to(device))
+        x, y = autograd_input(x.to(device)), autograd_input(y.to(device))
         return _batch_masks(
             model, x, y, idx.to(device), attacks, seed=seed, early_exit=early_exit, nested=nested, work=work
         )
@@ -613,7 +574,7 @@ def robust_accuracy_counts(
             if len(x) == 0:
                 done += len(attacks)
                 continue
-            x, y = _as_autograd_input(x.to(device)), _as_autograd_input(y.to(device))
+            x, y = autograd_input(x.to(device)), autograd_input(y.to(device))
             n = len(x)
 
             def on_spec(spec: AttackSpec, ok: torch.Tensor, n=n, b=b) -> None:
