@@ -3,11 +3,13 @@
     python measure.py outputs/runs/default                       # last.ckpt, settings of the run
     python measure.py RUN_DIR --checkpoint best --subset 5000 --k 5 --float64 --trace --density
     python measure.py RUN_DIR --attacks --full-test --eps 0 0.05 0.1 0.2 0.3 --pgd-steps 40
+    python measure.py RUN_DIR --no-hessian --attacks --final-attacks apgdce apgdt   # + AutoAttack's APGD
 
 Uses the run's own resolved config (``results.json``) to rebuild the model and data, loads the
 checkpoint's weights, and runs the same measurement code as the callbacks
 (:class:`HessianSpectrum`, :class:`AdversarialAccuracy`), so the metric names match the
-training records. Each result is named ``<checkpoint>[-<tag>]-<hash>``, the hash of the
+training records. A checkpoint gets the final measurement's attacks: the run's ``attacks`` and
+``final_attacks`` (``--final-attacks``: others, none when given without names). Each result is named ``<checkpoint>[-<tag>]-<hash>``, the hash of the
 effective settings (checkpoint, precision, Hessian and attack settings), so measurements with
 different settings never replace each other, and the same settings replace their own earlier
 result. Writes ``RUN_DIR/measurements/<name>.json`` and the same values under
@@ -98,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=float, nargs="*", default=None, help="eps grid (default: the run's)")
     p.add_argument("--pgd-steps", type=int, default=None)
     p.add_argument(
+        "--final-attacks",
+        nargs="*",
+        default=None,
+        help="attacks beside the run's attacks, e.g. apgdce apgdt (AutoAttack's APGD; default: the run's "
+        "final_attacks; no names: none)",
+    )
+    p.add_argument(
+        "--apgd-steps", type=int, default=None, help="APGD iterations (default: the run's, or 100)"
+    )
+    p.add_argument(
         "--nested-eps",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -120,7 +132,13 @@ def callback_settings(callbacks: dict, args: argparse.Namespace) -> tuple[dict, 
     h["trace"] = args.trace or h.get("trace", False)
     a = {k: v for k, v in callbacks.get("adversarial", {}).items() if k != "_target_"}
     a.setdefault("nested_eps", True)  # runs made before nested eps: what the callback now does
-    given = (("eps", args.eps), ("pgd_steps", args.pgd_steps), ("nested_eps", args.nested_eps))
+    given = (
+        ("eps", args.eps),
+        ("pgd_steps", args.pgd_steps),
+        ("nested_eps", args.nested_eps),
+        ("final_attacks", args.final_attacks),
+        ("apgd_steps", args.apgd_steps),
+    )
     a.update({k: v for k, v in given if v is not None})
     return h, a
 
@@ -174,10 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.attacks:
         adv = AdversarialAccuracy(**a)
         adv.specs = adv.build_specs(dm.info.default_eps)
+        adv.final_specs = adv.build_specs(dm.info.default_eps, final=True)
         size = None if args.full_test else adv.subset_size
         x, y, idx = load_rank_subset(dm.measurement_dataset("test"), size, adv.subset_seed, 0, 1)
         print(
-            f"[measure] attacks: {', '.join(adv.attacks)} at eps {sorted({s.eps for s in adv.specs})} on {len(x)} test samples ..."
+            f"[measure] attacks: {', '.join(adv.attacks + adv.final_attacks)} at eps {sorted({s.eps for s in adv.specs})} on {len(x)} test samples ..."
         )
         with tqdm(desc="[measure] attacks", unit="attack-eps", leave=False) as bar:
 
@@ -185,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                 bar.total, bar.n = total, done
                 bar.set_postfix_str(message)
 
-            metrics = adv.measure(net, x.to(dtype), y, idx, progress=progress)
+            metrics = adv.measure(net, x.to(dtype), y, idx, progress=progress, final=True)
         full = f"{adv.prefix}_full/"
         results.update({full + k.split("/", 1)[1] if args.full_test else k: v for k, v in metrics.items()})
         print(
@@ -230,6 +249,13 @@ def measurement_settings(
         else str(path)
     )
     skip = {"every_n_epochs", "at_end", "full_test_at_end", "progress_every_s"}
+    # Settings that do not apply are left out, so runs made before them keep their names.
+    if not attacks.get("final_attacks"):
+        skip.add("final_attacks")
+    if not any(
+        str(n).startswith("apgd") for n in [*attacks.get("attacks", []), *attacks.get("final_attacks", [])]
+    ):
+        skip |= {"apgd_steps", "apgd_target_classes"}
     return {
         "checkpoint": where,
         "checkpoint_step": step,

@@ -10,9 +10,16 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from callbacks.epoch_measurement import EpochEndMeasurement, stopping_after_this_epoch
-from lightning_modules.config import ATTACKS, NORMS, check
+from lightning_modules.config import NORMS, check
 from lightning_modules.module import log_rank_identical
-from measures.attacks import AttackSpec, AttackWork, robust_accuracy_counts, worst_case_keys
+from measures.attacks import (
+    ATTACKS,
+    AttackSpec,
+    AttackWork,
+    autoattack_keys,
+    robust_accuracy_counts,
+    worst_case_keys,
+)
 from measures.batches import load_rank_subset, split_batches
 from measures.checks import gradient_masking_warnings
 from measures.module_state import preserved_module_state
@@ -28,7 +35,9 @@ class AdversarialAccuracy(EpochEndMeasurement):
 
         adv/clean                    clean accuracy on the subset
         adv/<attack>_<norm>/eps<e>   robust accuracy under each attack and eps (pixel units, [0, 1])
-        adv/worst_<norm>/eps<e>      robust to every attack of that norm (when two or more attack it)
+        adv/worst_<norm>/eps<e>      robust to FGSM and PGD of that norm (when two or more attack it)
+        adv/autoattack_<norm>/eps<e> robust to every attack of that norm, APGD-CE/APGD-T included
+                                     (when one of them runs: ``final_attacks``, or in ``attacks``)
         adv/nested                   1.0: nested eps counting (the default), 0.0: each eps on its own
         adv/n_samples, adv/seconds
         adv/n_grad                   per-sample input gradients (forward + backward passes) it took
@@ -52,6 +61,14 @@ class AdversarialAccuracy(EpochEndMeasurement):
     tables, as paper B's FGSM tables); only then can the check "accuracy rises with eps" (a sign
     of gradient masking) fire. ``adv/nested`` records which one a run used.
 
+    The worst case (AutoAttack's APGD-CE and APGD-T, :mod:`measures.apgd`): ``final_attacks``
+    (default none) names attacks run only at the final measurement (``at_end``, and the
+    ``full_test_at_end`` one), e.g. ``[apgdce, apgdt]``: the epoch-end curves keep their cost and
+    meaning (``worst_<norm>`` is FGSM/PGD only), and the final weights get ``adv/apgdce_<norm>``,
+    ``adv/apgdt_<norm>`` and ``adv/autoattack_<norm>`` (robust to all of them, the worst case).
+    ``apgd_steps`` (100) and ``apgd_target_classes`` (9) are AutoAttack's settings; APGD's
+    norm is ``norm``.
+
     Progress: when a measurement runs longer than ``progress_every_s`` seconds, rank 0 logs where
     it is (attack, eps, batch) at most every ``progress_every_s`` seconds; a short one (the
     default run's) prints nothing.
@@ -63,8 +80,10 @@ class AdversarialAccuracy(EpochEndMeasurement):
         batch_size: samples per attack batch.
         eps: the eps grid (pixel units); null: the dataset's ``default_eps``
             (:data:`lightning_modules.data.DATASETS`).
-        attacks: any of fgsm, pgd; ``norm``: PGD's ball (linf, l2); ``pgd_steps``,
-            ``pgd_step_size`` (null: 2.5·eps/steps), ``random_start``.
+        attacks: any of fgsm, pgd, apgdce, apgdt; ``norm``: the ball of PGD and APGD (linf, l2);
+            ``pgd_steps``, ``pgd_step_size`` (null: 2.5·eps/steps), ``random_start``.
+        final_attacks: attacks run only at the final measurement (above); ``apgd_steps``,
+            ``apgd_target_classes``: APGD's iterations and APGD-T's target classes.
         early_exit: the count described above.
         nested_eps: nested eps counting (above); false: each eps on its own.
         full_test_at_end: the final measurement on the whole test set.
@@ -84,6 +103,9 @@ class AdversarialAccuracy(EpochEndMeasurement):
         pgd_steps: int = 10,
         pgd_step_size: float | None = None,
         random_start: bool = True,
+        final_attacks: list[str] = (),
+        apgd_steps: int = 100,
+        apgd_target_classes: int = 9,
         early_exit: bool = True,
         nested_eps: bool = True,
         full_test_at_end: bool = False,
@@ -101,6 +123,14 @@ class AdversarialAccuracy(EpochEndMeasurement):
             "must be a positive integer or null (all)",
         )
         check(all(a in ATTACKS for a in attacks), "attacks", list(attacks), f"allowed: {', '.join(ATTACKS)}")
+        check(
+            all(a in ATTACKS and a not in attacks for a in final_attacks),
+            "final_attacks",
+            list(final_attacks),
+            f"allowed: {', '.join(ATTACKS)}, each not already in attacks",
+        )
+        for name, value in (("apgd_steps", apgd_steps), ("apgd_target_classes", apgd_target_classes)):
+            check(isinstance(value, int) and value >= 1, name, value, "must be an integer >= 1")
         check(norm in NORMS, "norm", norm, f"allowed: {', '.join(NORMS)}")
         check(
             eps is None or all(0 <= e <= 1 for e in eps),
@@ -131,67 +161,87 @@ class AdversarialAccuracy(EpochEndMeasurement):
         self.subset_size, self.subset_seed = subset_size, subset_seed
         self.batch_size, self.eps, self.attacks, self.norm = batch_size, eps, list(attacks), norm
         self.pgd_steps, self.pgd_step_size, self.random_start = pgd_steps, pgd_step_size, random_start
+        self.final_attacks, self.apgd_steps, self.apgd_target_classes = (
+            list(final_attacks),
+            apgd_steps,
+            apgd_target_classes,
+        )
         self.early_exit, self.full_test_at_end, self.at_end, self.seed = (
             early_exit,
             full_test_at_end,
             at_end,
             seed,
         )
-        self.specs: list[AttackSpec] = []
+        self.specs: list[AttackSpec] = []  # the epoch-end attacks
+        self.final_specs: list[AttackSpec] = []  # and the final measurement's
         self._data: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def metric_name(self, spec: AttackSpec) -> str:
         """``adv/<attack>_<norm>/eps<e>``: the logged name of one attack of the grid."""
         return f"{self.prefix}/{spec.name}_{spec.norm}/eps{spec.eps:.4g}"
 
-    def worst_case_names(self) -> dict[str, str]:
-        """``{counts key: logged name}`` of the worst case over attacks, ``adv/worst_<norm>/eps<e>``."""
+    def worst_case_names(self, specs: list[AttackSpec] | None = None) -> dict[str, str]:
+        """``{counts key: logged name}`` of the worst cases over attacks (``specs``: default the
+        epoch-end ones): ``adv/worst_<norm>/eps<e>`` (FGSM/PGD) and ``adv/autoattack_<norm>/eps<e>``."""
+        specs = self.specs if specs is None else specs
         return {
-            key: f"{self.prefix}/worst_{norm}/eps{eps:.4g}"
-            for key, (norm, eps) in worst_case_keys(self.specs).items()
+            key: f"{self.prefix}/{kind}_{norm}/eps{eps:.4g}"
+            for kind, keys in (("worst", worst_case_keys(specs)), ("autoattack", autoattack_keys(specs)))
+            for key, (norm, eps) in keys.items()
         }
 
-    def build_specs(self, default_eps) -> list[AttackSpec]:
-        """The attack grid: every attack at every eps (``self.eps``, else ``default_eps``)."""
+    def build_specs(self, default_eps, final: bool = False) -> list[AttackSpec]:
+        """The attack grid: every attack at every eps (``self.eps``, else ``default_eps``); with
+        ``final``, ``final_attacks`` too (the final measurement's grid)."""
         eps = self.eps if self.eps is not None else default_eps
         specs = []
-        for name in self.attacks:
+        for name in self.attacks + (self.final_attacks if final else []):
             norm = "linf" if name == "fgsm" else self.norm
+            apgd = name.startswith("apgd")
             for e in eps:
                 specs.append(
                     AttackSpec(
                         name=name,
                         eps=float(e),
                         norm=norm,
-                        steps=self.pgd_steps,
-                        step_size=self.pgd_step_size,
+                        steps=self.apgd_steps if apgd else self.pgd_steps,
+                        step_size=None if apgd else self.pgd_step_size,
                         random_start=self.random_start,
+                        n_target_classes=self.apgd_target_classes,
                     )
                 )
         return specs
 
     # ---- the measurement, usable without a Trainer (see measure.py) -------------------------
     def measure(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, progress=None
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        idx: torch.Tensor,
+        progress=None,
+        final: bool = False,
     ) -> dict[str, float]:
         """Clean and robust accuracy on this rank's samples (``idx``: their test-set indices).
 
         ``progress(done, total, message)``: called after each attack and eps of each batch (e.g. a
-        progress bar), instead of the log lines every ``progress_every_s``.
+        progress bar), instead of the log lines every ``progress_every_s``. ``final``: the final
+        measurement's grid (``final_attacks`` too).
         """
         start = time.perf_counter()
         work = AttackWork()
+        specs = self.final_specs if final else self.specs
         with preserved_module_state(model, mode="eval"):
             counts = robust_accuracy_counts(
-                model, split_batches(x, y, self.batch_size, extra=idx), self.specs, seed=self.seed,
+                model, split_batches(x, y, self.batch_size, extra=idx), specs, seed=self.seed,
                 early_exit=self.early_exit, nested=self.nested_eps, work=work,
                 progress=progress or self._progress_reporter(start),
             )  # fmt: skip
-        for message in gradient_masking_warnings(counts, self.specs):
+        for message in gradient_masking_warnings(counts, specs):
             rank_zero_warn(f"[AdversarialAccuracy] {message}")
         correct, total = counts["clean"]
         metrics = {f"{self.prefix}/clean": correct / max(total, 1)}
-        names = {spec.key: self.metric_name(spec) for spec in self.specs} | self.worst_case_names()
+        names = {spec.key: self.metric_name(spec) for spec in specs} | self.worst_case_names(specs)
         for key, name in names.items():
             c, n = counts[key]
             metrics[name] = c / max(n, 1)
@@ -225,6 +275,7 @@ class AdversarialAccuracy(EpochEndMeasurement):
             return
         dataset = self.measurement_dataset(trainer, "test")
         self.specs = self.build_specs(trainer.datamodule.info.default_eps)
+        self.final_specs = self.build_specs(trainer.datamodule.info.default_eps, final=True)
         self._data = load_rank_subset(
             dataset, self.subset_size, self.subset_seed, trainer.global_rank, trainer.world_size
         )
@@ -234,6 +285,11 @@ class AdversarialAccuracy(EpochEndMeasurement):
             f"({'nested' if self.nested_eps else 'each eps on its own'}) on "
             f"{min(self.subset_size or len(dataset), len(dataset))} fixed test samples "
             f"{self.schedule}"
+            + (
+                f"; {', '.join(self.final_attacks)} at the final one"
+                if self.final_attacks and self.at_end
+                else ""
+            )
         )
 
     def measure_module(
@@ -241,8 +297,9 @@ class AdversarialAccuracy(EpochEndMeasurement):
     ) -> dict[str, float]:
         param = next(pl_module.parameters())
         x, y, idx = data or self._data
+        final = self.at_end and stopping_after_this_epoch(trainer)
         return self.measure(
-            pl_module, x.to(param.device, param.dtype), y.to(param.device), idx.to(param.device)
+            pl_module, x.to(param.device, param.dtype), y.to(param.device), idx.to(param.device), final=final
         )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

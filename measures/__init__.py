@@ -8,9 +8,12 @@
 - :mod:`measures.attacks`: FGSM, PGD (L∞, L2), adversarial examples for training, and exact
   robust-accuracy counts over an eps grid, nested by default
   (:func:`~measures.attacks.robust_accuracy_counts`, per sample :func:`~measures.attacks.robust_masks`);
+- :mod:`measures.apgd`: AutoAttack's APGD-CE and targeted APGD-DLR (Croce & Hein 2020), counted by
+  the same function (``AttackSpec("apgdce" | "apgdt", ...)``);
 - :mod:`measures.checks`: gradient-masking checks on those counts;
-- :mod:`measures.distributed`, :mod:`measures.batches`, :mod:`measures.module_state`: the process
-  group as an argument, the fixed samples a measurement runs on, and leaving a model as found.
+- :mod:`measures.distributed`, :mod:`measures.batches`, :mod:`measures.module_state`,
+  :mod:`measures.noise`: the process group as an argument, the fixed samples a measurement runs on,
+  leaving a model as found, and per-sample random numbers (the attacks' starts).
 
 Every function works on a plain ``nn.Module`` and tensors; collectives run only over the process
 group a caller passes (by default the initialized default group, if any).

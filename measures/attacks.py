@@ -1,7 +1,8 @@
 """Adversarial attacks (FGSM, PGD L∞/L2) and robust-accuracy counting, in plain torch.
 
 Pure torch (no Lightning): the attack callback and adversarial training import from here; the
-sanity checks on the resulting counts are in :mod:`measures.checks`.
+sanity checks on the resulting counts are in :mod:`measures.checks`. AutoAttack's APGD-CE and
+APGD-T are in :mod:`measures.apgd` and counted here too (``AttackSpec("apgdce" | "apgdt", ...)``).
 
 Conventions
 -----------
@@ -19,7 +20,8 @@ Conventions
 * Random starts never use the global RNG: ``fgsm``/``pgd`` draw from the ``generator``
   given (a fixed-seed one when ``None``); ``robust_accuracy_counts`` derives each sample's
   start from (seed, the sample's index in the evaluation set) with a counter-based hash, so
-  its counts do not depend on batching or on how samples are split across ranks.
+  its counts do not depend on batching or on how samples are split across ranks
+  (:mod:`measures.noise`).
 * Robust accuracy over an eps grid is nested by default: a sample broken at some eps counts as
   broken at every larger eps of the same attack, and the larger eps attack only the samples
   still robust (``robust_accuracy_counts(nested=...)``).
@@ -43,11 +45,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from measures.apgd import APGD_NORMS, apgd_robust
 from measures.distributed import ProcessGroup, all_reduce_sum
-from measures.module_state import gradients_enabled, preserved_module_state
+from measures.module_state import autograd_input, gradients_enabled, preserved_module_state
+from measures.noise import sample_normal, sample_uniform
 
 NORMS = ("linf", "l2")
-ATTACKS = ("fgsm", "pgd")
+APGD_ATTACKS = ("apgdce", "apgdt")  # AutoAttack's APGD-CE and APGD-T (measures.apgd)
+ATTACKS = ("fgsm", "pgd", *APGD_ATTACKS)
+DEFAULT_STEPS = {"fgsm": 10, "pgd": 10, "apgdce": 100, "apgdt": 100}
 L2_DIVISION_EPS = 1e-10  # torchattacks' ``eps_for_division`` in the normalized L2 step
 
 
@@ -61,15 +67,20 @@ class AttackSpec:
     ``step_size=None`` means 2.5 · eps / steps (Madry et al.). FGSM is L∞ only and has no
     steps or random start. ``tag`` is appended to ``key`` to tell apart two specs that would
     otherwise share a key (e.g. PGD-10 and PGD-40 at the same eps).
+
+    ``apgdce``/``apgdt`` (:mod:`measures.apgd`): ``steps`` is APGD's ``n_iter`` (``None``: 100,
+    the paper's; 10 for FGSM and PGD), the step size is APGD's own (``step_size`` must be
+    ``None``), and APGD-T attacks ``n_target_classes`` target classes (9: AutoAttack's).
     """
 
     name: str
     eps: float
     norm: str = "linf"
-    steps: int = 10
+    steps: int | None = None
     step_size: float | None = None
     random_start: bool = True
     tag: str = ""
+    n_target_classes: int = 9
 
     def __post_init__(self):
         if self.name not in ATTACKS:
@@ -78,6 +89,16 @@ class AttackSpec:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.name == "fgsm" and self.norm != "linf":
             raise ValueError(f"fgsm is an L-inf attack, got norm={self.norm!r}")
+        if self.steps is None:  # the attack's own default (frozen dataclass: set once, here)
+            object.__setattr__(self, "steps", DEFAULT_STEPS[self.name])
+        if self.name in APGD_ATTACKS:
+            if self.norm not in APGD_NORMS or self.steps < 1 or self.step_size is not None:
+                raise ValueError(
+                    f"{self.name}: norm in {APGD_NORMS}, steps >= 1 and step_size None (APGD sets its "
+                    f"own), got norm={self.norm!r}, steps={self.steps!r}, step_size={self.step_size!r}"
+                )
+            if int(self.n_target_classes) != self.n_target_classes or self.n_target_classes < 1:
+                raise ValueError(f"n_target_classes must be an integer >= 1, got {self.n_target_classes!r}")
         if not (self.eps >= 0 and math.isfinite(self.eps)):
             raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
         if int(self.steps) != self.steps or self.steps < 0:
@@ -99,11 +120,6 @@ class AttackSpec:
 
 
 # --------------------------------------------------------------------------- primitives
-
-
-def _as_autograd_input(t: torch.Tensor) -> torch.Tensor:
-    """``t`` usable in an autograd graph: inference tensors are cloned, others detached."""
-    return t.clone() if t.is_inference() else t.detach()
 
 
 def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
@@ -169,39 +185,6 @@ def _generator_start(
 
 # --------------------------------------------------------------------------- per-sample noise
 
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(a: torch.Tensor, c: int) -> torch.Tensor:
-    """(a · c) mod 2^32 for int64 ``a`` in [0, 2^32), without int64 overflow."""
-    high = ((a * (c >> 16)) & 0xFFFF) << 16
-    return (high + a * (c & 0xFFFF)) & _M32
-
-
-def _hash32(h: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mixing function (Wellons' lowbias32) on int64 tensors."""
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x7FEB352D)
-    h = h ^ (h >> 15)
-    h = _mul32(h, 0x846CA68B)
-    return h ^ (h >> 16)
-
-
-def _sample_uniform(
-    idx: torch.Tensor, seed: int, stream: int, n: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """Uniform numbers in (0, 1), shape (len(idx), n), a function of (seed, idx, stream, j) only.
-
-    Counter-based: the value for sample ``idx`` and position ``j`` is a hash of those
-    integers, so it is the same whatever batch or rank the sample is in.
-    """
-    idx = idx.to(device=device, dtype=torch.int64)
-    base = _hash32(torch.tensor((seed * 0x9E3779B9 + stream * 0x85EBCA6B) & _M32, device=device))
-    key = _hash32(_hash32(base ^ (idx & _M32)) ^ ((idx >> 32) & _M32))
-    pos = _hash32((torch.arange(n, device=device, dtype=torch.int64) * 0x27D4EB2F + 1) & _M32)
-    bits = _hash32(key[:, None] ^ pos[None, :]) >> 8  # 24 random bits
-    return (bits.to(dtype) + 0.5) * 2.0**-24
-
 
 def per_sample_unit_start(x: torch.Tensor, idx: torch.Tensor, seed: int, norm: str) -> torch.Tensor:
     """Random-start perturbation for eps = 1, each sample's a function of (seed, idx) only.
@@ -211,12 +194,10 @@ def per_sample_unit_start(x: torch.Tensor, idx: torch.Tensor, seed: int, norm: s
     """
     n, d = len(x), x[0].numel()
     if norm == "linf":
-        unit = _sample_uniform(idx, seed, 0, d, x.dtype, x.device) * 2 - 1
+        unit = sample_uniform(idx, seed, 0, d, x.dtype, x.device) * 2 - 1
     else:
-        u1 = _sample_uniform(idx, seed, 1, d, x.dtype, x.device)
-        u2 = _sample_uniform(idx, seed, 2, d, x.dtype, x.device)
-        z = torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
-        radius = _sample_uniform(idx, seed, 3, 1, x.dtype, x.device)
+        z = sample_normal(idx, seed, 1, d, x.dtype, x.device)  # streams 1 and 2
+        radius = sample_uniform(idx, seed, 3, 1, x.dtype, x.device)
         unit = z / z.norm(dim=1, keepdim=True) * radius
     return unit.view(n, *x.shape[1:])
 
@@ -231,7 +212,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torc
     mode, ``.grad``, buffers and the global RNG as found; runs under no_grad/inference_mode.
     """
     with gradients_enabled(), preserved_module_state(model):
-        x, y = _as_autograd_input(x), _as_autograd_input(y)
+        x, y = autograd_input(x), autograd_input(y)
         grad = _input_gradient(model, x, y)
         return (x + eps * grad.sign()).clamp_(0, 1).detach()
 
@@ -279,7 +260,7 @@ def pgd(
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     with gradients_enabled(), preserved_module_state(model):
-        x, y = _as_autograd_input(x), _as_autograd_input(y)
+        x, y = autograd_input(x), autograd_input(y)
         start = _generator_start(x, eps, norm, generator) if random_start else x
         return _pgd_from(model, x, y, start, eps, step_size, steps, norm)
 
@@ -298,6 +279,8 @@ def adversarial_examples(
     statistics; its running statistics are left untouched by the attack). Pass a generator
     owned by the training loop so that each call gets fresh random starts.
     """
+    if spec.name in APGD_ATTACKS:
+        raise ValueError(f"{spec.name} is an evaluation attack, not one for adversarial training")
     if spec.eps == 0:
         return x.detach().clone()
     if spec.name == "fgsm":
@@ -337,23 +320,45 @@ ProgressFn = Callable[[int, "int | None", str], None]
 
 def attack_family(spec: AttackSpec) -> tuple:
     """What ``spec`` shares with the other eps of its family: everything but eps."""
-    return (spec.name, spec.norm, spec.steps, spec.step_size, spec.random_start, spec.tag)
+    return (
+        spec.name, spec.norm, spec.steps, spec.step_size, spec.random_start, spec.tag,
+        spec.n_target_classes if spec.name == "apgdt" else None,
+    )  # fmt: skip
 
 
 def worst_case_key(norm: str, eps: float) -> str:
-    """Key of the worst case over the attack families of one norm, e.g. ``"worst_linf_eps0.1"``."""
+    """Key of the worst case over the FGSM/PGD families of one norm, e.g. ``"worst_linf_eps0.1"``."""
     return f"worst_{norm}_eps{eps:.4g}"
 
 
+def autoattack_key(norm: str, eps: float) -> str:
+    """Key of the worst case over every attack of one norm, APGD included: ``"autoattack_linf_eps0.1"``."""
+    return f"autoattack_{norm}_eps{eps:.4g}"
+
+
 def worst_case_keys(attacks: Sequence[AttackSpec]) -> dict[str, tuple[str, float]]:
-    """``{key: (norm, eps)}`` of the worst-case counts: for every norm with two or more families."""
+    """``{key: (norm, eps)}`` of the worst case over FGSM and PGD: for every norm with two or more of
+    their families. APGD attacks are left out, so that it means the same with or without them."""
+    fast = [s for s in attacks if s.name not in APGD_ATTACKS]
     families: dict[str, set] = {}
-    for spec in attacks:
+    for spec in fast:
         families.setdefault(spec.norm, set()).add(attack_family(spec))
     return {
         worst_case_key(norm, eps): (norm, eps)
         for norm in NORMS
         if len(families.get(norm, ())) > 1
+        for eps in sorted({s.eps for s in fast if s.norm == norm})
+    }
+
+
+def autoattack_keys(attacks: Sequence[AttackSpec]) -> dict[str, tuple[str, float]]:
+    """``{key: (norm, eps)}`` of the worst case over every attack (FGSM, PGD, APGD-CE, APGD-T): for
+    every norm attacked by an APGD attack, at every eps of that norm."""
+    norms = {s.norm for s in attacks if s.name in APGD_ATTACKS}
+    return {
+        autoattack_key(norm, eps): (norm, eps)
+        for norm in NORMS
+        if norm in norms
         for eps in sorted({s.eps for s in attacks if s.norm == norm})
     }
 
@@ -423,7 +428,9 @@ def _family_masks(
     clean_ok: torch.Tensor,
     base: torch.Tensor,
     unit: torch.Tensor | None,
+    idx: torch.Tensor,
     *,
+    seed: int,
     early_exit: bool,
     nested: bool,
     work: AttackWork,
@@ -451,7 +458,7 @@ def _family_masks(
             ok = torch.zeros_like(clean_ok)
             if len(rows):
                 ok[rows] = _robust_rows(
-                    model, x[rows], y[rows], spec, fgsm_sign, unit, rows, early_exit, work
+                    model, x[rows], y[rows], spec, fgsm_sign, unit, rows, idx[rows], seed, early_exit, work
                 )
         if nested:
             ok &= alive
@@ -461,8 +468,14 @@ def _family_masks(
     return out
 
 
-def _robust_rows(model, xs, ys, spec, fgsm_sign, unit, rows, early_exit, work) -> torch.Tensor:
-    """One attack at one eps on the samples ``rows`` of the batch: which stay correct."""
+def _robust_rows(model, xs, ys, spec, fgsm_sign, unit, rows, idxs, seed, early_exit, work) -> torch.Tensor:
+    """One attack at one eps on the samples ``rows`` of the batch (indices ``idxs``): which stay correct."""
+    if spec.name in APGD_ATTACKS:
+        return apgd_robust(
+            model, xs, ys, idxs, spec.eps, targeted=spec.name == "apgdt", norm=spec.norm, n_iter=spec.steps,
+            n_target_classes=spec.n_target_classes, seed=seed, random_start=spec.random_start,
+            early_exit=early_exit, work=work,
+        )  # fmt: skip
     if spec.name == "fgsm":
         adv = (xs + spec.eps * fgsm_sign[rows]).clamp_(0, 1)
         return _predict(model, adv, work) == ys
@@ -504,13 +517,16 @@ def _batch_masks(
         if specs[0].name == "pgd" and specs[0].random_start and norm not in units:
             units[norm] = per_sample_unit_start(x, idx, seed, norm)
         family = _family_masks(
-            model, x, y, specs, clean_ok, base, units.get(norm),
-            early_exit=early_exit, nested=nested, work=work, on_spec=on_spec,
+            model, x, y, specs, clean_ok, base, units.get(norm), idx,
+            seed=seed, early_exit=early_exit, nested=nested, work=work, on_spec=on_spec,
         )  # fmt: skip
         masks.update(zip((s.key for s in specs), family, strict=True))
-    for key, (norm, eps) in worst_case_keys(attacks).items():
-        same = [s for s in attacks if s.norm == norm and (s.eps <= eps if nested else s.eps == eps)]
-        masks[key] = torch.stack([masks[s.key] for s in same]).all(dim=0)
+    # Worst cases: robust to every attack of the norm (FGSM/PGD, or all) at every eps <= eps (nested).
+    fast = [s for s in attacks if s.name not in APGD_ATTACKS]
+    for combined, among in ((worst_case_keys(attacks), fast), (autoattack_keys(attacks), attacks)):
+        for key, (norm, eps) in combined.items():
+            same = [s for s in among if s.norm == norm and (s.eps <= eps if nested else s.eps == eps)]
+            masks[key] = torch.stack([masks[s.key] for s in same]).all(dim=0)
     return masks
 
 
@@ -542,7 +558,7 @@ def robust_masks(
     work = AttackWork() if work is None else work
     device = _model_device(model, x.device)
     with gradients_enabled(), preserved_module_state(model):
-        x, y = _as_autograd_input(x.to(device)), _as_autograd_input(y.to(device))
+        x, y = autograd_input(x.to(device)), autograd_input(y.to(device))
         return _batch_masks(
             model, x, y, idx.to(device), attacks, seed=seed, early_exit=early_exit, nested=nested, work=work
         )
@@ -567,15 +583,19 @@ def robust_accuracy_counts(
     depend on batching or on the split across ranks. The counts are summed over the ranks of
     ``process_group`` (see :mod:`measures.distributed`; one all-reduce, run by every rank even
     with no batches), and every rank returns the same numbers. Returns ``{"clean": (correct, total),
-    spec.key: (correct, total), ...}``, and for every norm attacked by two or more attack families
-    (e.g. FGSM and PGD L∞) ``worst_case_key(norm, eps)``: robust to all of them. An attack with
-    eps = 0 is reported as clean.
+    spec.key: (correct, total), ...}``, for every norm attacked by two or more FGSM/PGD families
+    (e.g. FGSM and PGD L∞) ``worst_case_key(norm, eps)``: robust to all of them, and for every norm
+    attacked by APGD-CE or APGD-T ``autoattack_key(norm, eps)``: robust to every attack of that
+    norm, APGD included (the worst case; ``worst_...`` leaves APGD out, so it means the same with or
+    without APGD). An attack with eps = 0 is reported as clean.
 
     ``early_exit=True``: a sample counts as robust only if it is correct at clean and at
     every attack iterate (as AutoAttack counts); samples misclassified at clean are not
-    attacked, and a PGD sample stops iterating once an iterate fools the model.
+    attacked, a PGD or APGD sample stops iterating once an iterate fools the model, and APGD-T
+    attacks it for the next target class only while it is robust.
     ``early_exit=False``: every sample is attacked for all steps and judged on the final
-    iterate only (torchattacks' / the usual definition). In eval mode, early-exit counts are
+    iterate only (torchattacks' / the usual definition; APGD: on each run's best-loss point, the
+    paper's output, for every target class). In eval mode, early-exit counts are
     <= the full counts for every attack (a sample never fooled on the way is correct at the
     end), typically equal or slightly lower, and cheaper.
 
@@ -602,7 +622,7 @@ def robust_accuracy_counts(
     samples of a batch, and neither batching invariance nor the bounds above hold.
     """
     _check_keys(attacks)
-    keys = ["clean", *(spec.key for spec in attacks), *worst_case_keys(attacks)]
+    keys = ["clean", *(spec.key for spec in attacks), *worst_case_keys(attacks), *autoattack_keys(attacks)]
     device = _model_device(model, torch.device("cpu"))
     total = len(batches) * len(attacks) if hasattr(batches, "__len__") else None
     done = 0
@@ -613,7 +633,7 @@ def robust_accuracy_counts(
             if len(x) == 0:
                 done += len(attacks)
                 continue
-            x, y = _as_autograd_input(x.to(device)), _as_autograd_input(y.to(device))
+            x, y = autograd_input(x.to(device)), autograd_input(y.to(device))
             n = len(x)
 
             def on_spec(spec: AttackSpec, ok: torch.Tensor, n=n, b=b) -> None:

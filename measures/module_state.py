@@ -26,6 +26,11 @@ def gradients_enabled() -> Iterator[None]:
         yield
 
 
+def autograd_input(t: torch.Tensor) -> torch.Tensor:
+    """``t`` usable in an autograd graph: inference tensors are cloned, others detached."""
+    return t.clone() if t.is_inference() else t.detach()
+
+
 @contextlib.contextmanager
 def preserved_module_state(model: nn.Module, mode: str | None = None) -> Iterator[None]:
     """Run a measurement on ``model`` and leave it exactly as found.

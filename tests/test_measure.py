@@ -30,6 +30,8 @@ def test_different_settings_get_different_names():
         name("--no-hessian", "--attacks", "--pgd-steps", "3"),
         name("--no-hessian", "--attacks", "--full-test"),
         name("--no-hessian", "--attacks", "--no-nested-eps"),
+        name("--no-hessian", "--attacks", "--final-attacks", "apgdce", "apgdt"),
+        name("--no-hessian", "--attacks", "--final-attacks", "apgdce", "apgdt", "--apgd-steps", "20"),
         name(step=200),  # last.ckpt after more training: other weights
         name(ckpt=Path("/elsewhere/checkpoints/last.ckpt")),
         name(ckpt=RUN / "checkpoints" / "best-epoch3.ckpt"),
@@ -44,6 +46,9 @@ def test_the_same_settings_get_the_same_name():
     assert name("--no-hessian", "--attacks") == name("--no-hessian", "--trace", "--k", "5", "--attacks")
     # a run made before nested eps (no nested_eps in its config) is re-measured nested, as given
     assert name("--no-hessian", "--attacks") == name("--no-hessian", "--attacks", "--nested-eps")
+    # no APGD: APGD's settings (absent from runs made before them) do not change the name
+    assert name("--no-hessian", "--attacks") == name("--no-hessian", "--attacks", "--final-attacks")
+    assert name("--no-hessian", "--attacks") == name("--no-hessian", "--attacks", "--apgd-steps", "20")
 
 
 def test_a_tag_is_part_of_the_name():

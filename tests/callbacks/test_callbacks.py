@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -171,6 +172,41 @@ def test_adversarial_callback_nested_by_default_and_each_eps_on_its_own_when_ask
     assert lines[-1].startswith("[AdversarialAccuracy] 16/16 ") and "batch 4: pgd_linf_eps0.05" in lines[-1]
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_adversarial_callback_runs_final_attacks_only_at_the_final_measurement():
+    """``final_attacks`` (APGD-CE, APGD-T) join the grid at the final measurement only; the epoch-end
+    keys keep their values there, ``worst`` stays FGSM/PGD, ``autoattack`` is robust to all four."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 10)).eval()
+    x, idx = torch.rand(24, 1, 6, 6), torch.arange(24)
+    with torch.no_grad():
+        y = torch.where(idx % 4 == 0, idx % 10, net(x).argmax(1))
+    cb = AdversarialAccuracy(
+        eps=[0.0, 0.05, 0.2], batch_size=8, pgd_steps=3, final_attacks=["apgdce", "apgdt"], apgd_steps=5,
+        apgd_target_classes=2,
+    )  # fmt: skip
+    cb.specs, cb.final_specs = cb.build_specs(None), cb.build_specs(None, final=True)
+    assert [s.name for s in cb.final_specs[-3:]] == ["apgdt"] * 3 and cb.final_specs[-1].steps == 5
+    cb._data = (x, y, idx)
+    trainer = types.SimpleNamespace(
+        max_epochs=3, current_epoch=1, max_steps=-1, global_step=10, should_stop=False
+    )
+    epoch = cb.measure_module(trainer, net)
+    trainer.current_epoch = 2  # the last epoch: the final measurement
+    final = cb.measure_module(trainer, net)
+    added = set(final) - set(epoch)
+    assert added == {
+        f"adv/{kind}_linf/eps{e:.4g}" for kind in ("apgdce", "apgdt", "autoattack") for e in (0.0, 0.05, 0.2)
+    }
+    assert all(final[k] == epoch[k] for k in epoch if "/eps" in k or k == "adv/clean")
+    ref = robust_accuracy_counts(net, split_batches(x, y, 8, idx), cb.final_specs)
+    for e in (0.05, 0.2):
+        assert final[f"adv/autoattack_linf/eps{e:.4g}"] == ref[f"autoattack_linf_eps{e:.4g}"][0] / 24
+        assert final[f"adv/autoattack_linf/eps{e:.4g}"] <= final[f"adv/worst_linf/eps{e:.4g}"]
+    assert final["adv/autoattack_linf/eps0.05"] < final["adv/worst_linf/eps0.05"]  # APGD broke more
+    assert final["adv/n_grad"] > epoch["adv/n_grad"]
+
+
 def test_callbacks_refuse_bad_settings_with_the_key_and_what_is_allowed():
     with pytest.raises(ConfigError, match="bn_mode='batch' is invalid: allowed: eval, train"):
         HessianSpectrum(bn_mode="batch")
@@ -180,6 +216,14 @@ def test_callbacks_refuse_bad_settings_with_the_key_and_what_is_allowed():
         AdversarialAccuracy(nested_eps="no")
     with pytest.raises(ConfigError, match="progress_every_s=0 is invalid"):
         AdversarialAccuracy(progress_every_s=0)
+    with pytest.raises(
+        ConfigError, match=r"final_attacks=\['cw'\] is invalid: allowed: fgsm, pgd, apgdce, apgdt"
+    ):
+        AdversarialAccuracy(final_attacks=["cw"])
+    with pytest.raises(ConfigError, match="not already in attacks"):
+        AdversarialAccuracy(final_attacks=["pgd", "apgdce"])
+    with pytest.raises(ConfigError, match="apgd_steps=0 is invalid"):
+        AdversarialAccuracy(apgd_steps=0)
 
 
 def test_two_instances_of_one_measurement_have_their_own_checkpoint_slot_and_names():

@@ -92,3 +92,29 @@ def test_adversarial_training_lowers_attack_success(tmp_path):
         nat, rob = natural["final"][f"adv/{attack}/eps0.1"], robust["final"][f"adv/{attack}/eps0.1"]
         assert rob > nat + 0.1, (attack, nat, rob)  # attack success (1 - acc) clearly lower
     assert robust["final"]["adv/clean"] > 0.8  # and it still learned the task
+
+
+def test_final_attacks_at_the_end_of_training_and_on_the_checkpoint(tmp_path):
+    """APGD-CE/APGD-T (``final_attacks``) run at the final measurement only, and measure.py runs
+    them on the checkpoint with the same per-sample starts: the same numbers."""
+    adv = "callbacks.adversarial."
+    run_train([*FAST, "model=mlp", "threads=1", "trainer.max_epochs=2", "~callbacks.hessian",
+               f"{adv}subset_size=100", f"{adv}eps=[0,0.1]", f"{adv}pgd_steps=3",
+               f"{adv}final_attacks=[apgdce,apgdt]", f"{adv}apgd_steps=5"], tmp_path)  # fmt: skip
+    ((name, rec),) = records(tmp_path).items()
+    apgd_keys = [f"adv/{k}_linf/eps0.1" for k in ("apgdce", "apgdt", "autoattack")]
+    rows = [row for row in rec["history"] if "adv/pgd_linf/eps0.1" in row]
+    assert (
+        len(rows) == 2 and not any(k in rows[0] for k in apgd_keys) and all(k in rows[1] for k in apgd_keys)
+    )
+    final = rec["final"]
+    assert final["adv/autoattack_linf/eps0.1"] <= final["adv/worst_linf/eps0.1"]
+    run_dir = tmp_path / "runs" / name
+    out = measure(str(run_dir), "--no-hessian", "--attacks")  # the run's final_attacks
+    (path,) = (run_dir / "measurements").glob("last-*.json")
+    measured = json.loads(path.read_text())["metrics"]
+    for key in ("adv/clean", "adv/worst_linf/eps0.1", *apgd_keys):
+        assert abs(measured[key] - final[key]) <= 1 / 100 + 1e-9, key
+    assert "apgdce, apgdt" in out.stdout
+    measure(str(run_dir), "--no-hessian", "--attacks", "--final-attacks")  # none: another result
+    assert len(list((run_dir / "measurements").glob("last-*.json"))) == 2

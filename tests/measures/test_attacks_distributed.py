@@ -4,7 +4,8 @@ Each rank holds an unequal part of the evaluation set (with the samples' indices
 differently from the reference, and random starts are on: the counts can only agree if
 every sample's start depends on its index alone and the counts are summed over ranks. With
 nested eps, which samples are attacked at an eps depends on the smaller eps: the counts and
-the work (:class:`AttackWork`) must still agree.
+the work (:class:`AttackWork`) must still agree. APGD-CE and APGD-T are among the attacks (their
+own starts per sample and per run, their early exit, the ``autoattack`` keys).
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ SPECS = [
     AttackSpec("pgd", 0.05, steps=3),
     AttackSpec("pgd", 0.1, steps=3),
     AttackSpec("pgd", 0.8, norm="l2", steps=3),
+    # AutoAttack's APGD (few iterations and targets: the per-sample starts and early exit are tested)
+    AttackSpec("apgdce", 0.05, steps=6),
+    AttackSpec("apgdce", 0.1, steps=6),
+    AttackSpec("apgdt", 0.05, steps=6, n_target_classes=3),
+    AttackSpec("apgdce", 0.8, norm="l2", steps=6),
 ]
 N = 40
 SEED = 7
@@ -64,6 +70,8 @@ def test_two_ranks_equal_one_process():
     finally:
         torch.set_num_threads(threads)
     assert 0 < reference[True, True][0]["clean"][0] < N
+    counts = reference[True, True][0]
+    assert counts["autoattack_linf_eps0.05"][0] < counts["worst_linf_eps0.05"][0]  # APGD breaks more here
     # Nesting did something here (fewer passes), so its batching and rank invariance is tested.
     assert reference[True, True][1].passes < reference[True, False][1].passes
     # Unequal shards (rank 1 gets 3x as many) batched in 6s, and an empty shard on rank 1.
