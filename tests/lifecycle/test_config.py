@@ -132,3 +132,41 @@ def test_callbacks_refuse_bad_settings_by_name(compose):
         build_callbacks(compose(["callbacks.adversarial.eps=[0.1,8]"]))
     with pytest.raises(ValueError, match="adversarial.attacks"):
         build_callbacks(compose(["callbacks.adversarial.attacks=[cw]"]))
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_composes_validates_and_builds_its_callbacks(compose, experiment):
+    cfg = compose([f"experiment={experiment}"])
+    assert cfg.experiment_name == experiment
+    validate(cfg, multirun=True)
+    assert build_callbacks(cfg)
+
+
+@pytest.mark.parametrize(
+    ("arm", "lr_rule", "momentum", "adversarial", "batch_size", "lr"),
+    [
+        ("fixed_m0", "fixed", 0.0, False, 512, 0.01),
+        ("fixed_m09", "fixed", 0.9, False, 32, 0.01),
+        ("ratio_m0", "ratio", 0.0, False, 32, 0.0025),
+        ("ratio_m09", "ratio", 0.9, False, 512, 0.04),
+        ("fixed_m09_fgsm", "fixed", 0.9, True, 128, 0.01),
+    ],
+)
+def test_the_study_arms_set_the_papers_comparisons(
+    compose, arm, lr_rule, momentum, adversarial, batch_size, lr
+):
+    """Each arm of experiment=study is one lr rule, momentum and training kind; the ratio rule gives
+    B=128 the fixed lr (0.01), so B=32 gets 0.0025 and B=512 0.04."""
+    from lightning_modules.config import effective_lr
+
+    cfg = compose(["experiment=study", f"arm={arm}", f"optimizer.batch_size={batch_size}"])
+    opt = cfg.optimizer
+    assert (opt.lr_rule, opt.momentum, cfg.adversarial_training.enabled) == (lr_rule, momentum, adversarial)
+    assert effective_lr(opt.lr_rule, opt.lr, opt.lr_ratio, opt.batch_size) == pytest.approx(lr)
+    assert cfg.callbacks.training_target.target_train_acc == 0.99
+    assert cfg.callbacks.hessian.every_n_steps == cfg.callbacks.adversarial.every_n_steps == 500
+    assert list(cfg.callbacks.adversarial.final_attacks) == ["apgdce", "apgdt"]
+    grid = cfg.hydra.sweeper.params
+    arms = grid["arm"].split(",")
+    assert sorted(arms) == sorted(p.stem for p in (ROOT / "conf" / "arm").glob("*.yaml"))
+    assert len(arms) * len(grid["optimizer.batch_size"].split(",")) * len(grid["seed"].split(",")) == 45
