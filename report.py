@@ -304,21 +304,26 @@ def adv_columns(df) -> dict[str, list[tuple[float, str]]]:
 
 
 def figure_robust(df, out):
+    """Robust accuracy vs eps, one panel per attack (rows of 3): colour = series (lr rule, momentum,
+    training), line style = batch size; a run short of its target is its own hollow, dotted line."""
     attacks = adv_columns(df)
     if not attacks:
         return
-    fig, axes = plt.subplots(1, len(attacks), figsize=(6 * len(attacks), 4.5), squeeze=False)
-    for ax, (attack, cols) in zip(axes[0], sorted(attacks.items()), strict=True):
+    ncols = min(3, len(attacks))
+    nrows = math.ceil(len(attacks) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.5 * nrows), squeeze=False)
+    styles = [("-", "o"), ("--", "^"), ("-.", "D"), (":", "v")]
+    sizes = sorted(df["batch_size"].dropna().unique())
+    for ax, (attack, cols) in zip(axes.flat, sorted(attacks.items()), strict=False):  # spare panels hidden
         eps = [e for e, _ in cols]
-        n = 0
-        for label, part in _series(df):
+        for n, (label, part) in enumerate(_series(df)):
+            color = f"C{n % 10}"
             for b, sub in part.groupby("batch_size"):
-                color = f"C{n % 10}"
-                n += 1
+                ls, marker = styles[sizes.index(b) % len(styles)]
                 ok = at_target(sub)
                 if ok.any():
                     acc = [sub.loc[ok, c].mean() for _, c in cols]
-                    ax.plot(eps, acc, marker="o", color=color, label=f"B={b}, {label}")
+                    ax.plot(eps, acc, ls=ls, marker=marker, color=color, label=f"B={b}, {label}")
                 for i, (_, run) in enumerate(sub[~ok].iterrows()):  # each run short of its target
                     ax.plot(
                         eps,
@@ -333,8 +338,14 @@ def figure_robust(df, out):
         ax.set_xlabel("eps (pixel units)")
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
-    _legend(axes[0][0], fontsize=6, ncol=2)
-    _save(fig, out / "robust_vs_eps.png")
+    for ax in list(axes.flat)[len(attacks) :]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    bottom = 0.0
+    if handles:  # one legend for every panel, below them
+        bottom = min(0.5, 0.3 * math.ceil(len(labels) / 3) / (4.5 * nrows))
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    _save(fig, out / "robust_vs_eps.png", rect=(0, bottom, 1, 1))
 
 
 def figure_momentum(df, out):
@@ -432,9 +443,9 @@ def _legend(ax, **kwargs):
         ax.legend(**kwargs)
 
 
-def _save(fig, path: Path):
+def _save(fig, path: Path, rect: tuple[float, float, float, float] = (0, 0, 1, 1)):
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
