@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 EPOCHS = 10
 TOL = 1e-4
 TARGET = "callbacks.hessian_spectrum.HessianSpectrum"
-COMMON = {"subset_size": 128, "batch_size": 128}
+# every epoch, with lambda_min (the default run measures every 2 epochs, without it)
+COMMON = {"subset_size": 128, "batch_size": 128, "every_n_epochs": 1, "smallest": "true"}
 
 
 def instance(name: str, **settings) -> list[str]:

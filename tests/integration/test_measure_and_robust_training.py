@@ -13,7 +13,7 @@ from tests.helpers import FAST, ROOT, records, run_train
 
 pytestmark = pytest.mark.slow
 
-TINY = [*FAST, "model=mlp", "callbacks.hessian.subset_size=300", "callbacks.hessian.k=2",
+TINY = [*FAST, "model=mlp", "callbacks.hessian.subset_size=300", "callbacks.hessian.k=2", "callbacks.hessian.smallest=true",
         "callbacks.adversarial.eps=[0,0.1]", "callbacks.adversarial.pgd_steps=3"]  # fmt: skip
 
 

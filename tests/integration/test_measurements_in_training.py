@@ -21,7 +21,7 @@ def test_trainer_logs_identical_measurements_on_one_and_two_processes(tmp_path):
     evaluation, in a second pair of processes, neither deletes nor adds rows), with no flood of
     Lightning's sync_dist warnings for values that are the same on every rank."""
     args = ["logger=csv", "trainer.enable_progress_bar=false", "model=mlp", "trainer.max_epochs=1", "trainer.precision=64-true", "optimizer.batch_size=256",
-            "callbacks.hessian.subset_size=301", "callbacks.hessian.batch_size=100", "callbacks.hessian.trace=true",
+            "callbacks.hessian.subset_size=301", "callbacks.hessian.batch_size=100", "callbacks.hessian.trace=true", "callbacks.hessian.smallest=true",
             "callbacks.adversarial.subset_size=151", "callbacks.adversarial.batch_size=64",
             "callbacks.adversarial.eps=[0,0.05,0.1]"]  # fmt: skip
     run_train(args, tmp_path / "one")
