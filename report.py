@@ -525,11 +525,13 @@ def compare(cell: pd.DataFrame, vary: str, lo, hi, col: str, measure: str, th: T
     seeds than that have both (or a ratio of non-positive values).
     """
     pct = measure == "points"
-    runs = cell[at_target(cell)].dropna(subset=[col]) if col in cell else cell.iloc[:0]
+    if col not in cell:  # no run logged it (e.g. a sweep without the Hessian callback)
+        cell = cell.assign(**{col: math.nan})
+    runs = cell[at_target(cell)].dropna(subset=[col])
     per = {}
     for v in (lo, hi):
-        sel = runs[vary].map(lambda x, v=v: _same(x, v))
-        per[v] = runs[sel].groupby("seed", dropna=False)[col].mean()
+        sel = runs[vary].map(lambda x, v=v: _same(x, v)).astype(bool)  # empty: still a row mask
+        per[v] = runs.loc[sel].groupby("seed", dropna=False)[col].mean()
     counts = {v: len(per[v]) for v in (lo, hi)}
     rows, values = [], []
     for seed in sorted(set(per[lo].index) & set(per[hi].index), key=str):

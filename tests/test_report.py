@@ -277,3 +277,35 @@ def test_cli_thresholds_are_used_and_recorded_in_verdicts_md(tmp_path, capsys):
     with pytest.raises(SystemExit):
         report.main([str(sweep), "--ratio-threshold", "0.9"])
     assert "ratio threshold 0.9 must be > 1" in capsys.readouterr().err
+
+
+def test_a_cell_with_no_run_at_target_is_untestable_not_an_error():
+    """Every run of a cell capped (e.g. a one-epoch sweep with a 97% target): the comparison has no
+    run left, and says so, instead of failing on the empty selection."""
+    cell = pd.DataFrame(
+        {
+            "batch_size": [64, 256],
+            "seed": [0, 0],
+            "status": ["completed", "completed"],
+            "reached_target": [False, False],
+            "hessian/lambda_1": [10.0, 30.0],
+        }
+    )
+    out = report.compare(cell, "batch_size", 64, 256, "hessian/lambda_1", "ratio", report.Thresholds())
+    assert out["verdict"] == "untestable"
+    reached = cell.assign(reached_target=True, seed=[0, 0])
+    two = pd.concat(
+        [reached, reached.assign(seed=1, **{"hessian/lambda_1": [10.0, 40.0]})], ignore_index=True
+    )
+    assert (
+        report.compare(two, "batch_size", 64, 256, "hessian/lambda_1", "ratio", report.Thresholds())[
+            "verdict"
+        ]
+        == "rises"
+    )
+
+
+def test_a_metric_no_run_logged_is_untestable_not_an_error():
+    cell = pd.DataFrame({"batch_size": [64, 256], "seed": [0, 0], "status": ["completed"] * 2})
+    out = report.compare(cell, "batch_size", 64, 256, "hessian/lambda_1", "ratio", report.Thresholds())
+    assert out["verdict"] == "untestable"

@@ -99,7 +99,7 @@ def test_final_attacks_at_the_end_of_training_and_on_the_checkpoint(tmp_path):
     them on the checkpoint with the same per-sample starts: the same numbers."""
     adv = "callbacks.adversarial."
     run_train([*FAST, "model=mlp", "threads=1", "trainer.max_epochs=2", "~callbacks.hessian",
-               f"{adv}subset_size=100", f"{adv}eps=[0,0.1]", f"{adv}pgd_steps=3",
+               f"{adv}subset_size=100", f"{adv}eps=[0,0.1]", f"{adv}pgd_steps=3", f"{adv}every_n_epochs=1",
                f"{adv}final_attacks=[apgdce,apgdt]", f"{adv}apgd_steps=5"], tmp_path)  # fmt: skip
     ((name, rec),) = records(tmp_path).items()
     apgd_keys = [f"adv/{k}_linf/eps0.1" for k in ("apgdce", "apgdt", "autoattack")]
