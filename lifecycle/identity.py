@@ -19,6 +19,8 @@ reports a finished job.
 from __future__ import annotations
 
 import hashlib
+import platform
+import subprocess
 from pathlib import Path
 
 import hydra
@@ -113,3 +115,27 @@ def changes(old: dict, new: dict) -> list[str]:
                 f"{key}: {'(unset)' if a is missing else repr(a)} -> {'(unset)' if b is missing else repr(b)}"
             )
     return out
+
+
+def provenance() -> dict:
+    """Where a result came from: the code's commit, library versions, machine."""
+    import pytorch_lightning as pl
+    import torch
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except Exception:
+        commit = ""
+    return {
+        "git_commit": commit or None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pytorch_lightning": pl.__version__,
+        "hydra": hydra.__version__,
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "torch_threads": torch.get_num_threads(),
+    }

@@ -44,13 +44,12 @@ from pytorch_lightning.utilities import rank_zero_only
 from callbacks.fault_injection import FaultInjection
 from lifecycle import sweep
 from lifecycle.build import build_job
-from lifecycle.identity import changes, identity
+from lifecycle.identity import changes, identity, provenance
 from lifecycle.loggers import build_loggers, finish_wandb, send_finished
 from lifecycle.record import (
     FINISHED,
     RECORD,
     RecordError,
-    provenance,
     read_record,
     time_split,
     truncate_history,

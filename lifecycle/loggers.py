@@ -16,19 +16,21 @@ import csv
 import netrc
 import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger as _LightningCSVLogger
+from pytorch_lightning.loggers import Logger
 from pytorch_lightning.loggers import WandbLogger as _LightningWandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
 from lifecycle import wandb_run
-from lifecycle.record import FINISHED, RECORD, RunRecord, read_record
+from lifecycle.record import FINISHED, RECORD, is_per_step, modify_record, plain, read_record, unconverged
 from lifecycle.wandb_run import EPOCH, History, apply
 
 
@@ -96,6 +98,64 @@ class WandbLogger(_LightningWandbLogger):
     def log_metrics(self, metrics, step=None) -> None:
         _ = self.experiment  # started (and any earlier rows replayed) before this row
         self._apply(self._history.add(metrics, step))
+
+
+class RunRecord(Logger):
+    """A Lightning logger that collects the per-epoch metrics into ``results.json``.
+
+    Everything any module or callback logs reaches it through ``log_metrics``, on rank 0 only,
+    also under ``ddp_spawn`` where callback objects in the launching process never see the
+    workers' state. It rewrites the JSON file on every call (small; nothing lost on
+    interruption), so a resumed run appends to the same history. A row holding a measurement that
+    did not converge (:func:`lifecycle.record.unconverged`) is also listed under ``unconverged``.
+    :meth:`annotate` takes run-level facts from callbacks (the stop reason).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__()
+        self.path = Path(path)
+
+    @property
+    def name(self) -> str:
+        return "run_record"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass  # the job lifecycle writes the resolved config into the record itself
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        row = {k: plain(v) for k, v in metrics.items() if not is_per_step(k)}
+        if not row or set(row) <= {"epoch"}:
+            return
+        values = {k: v for k, v in row.items() if k != "epoch"}
+
+        def append(record: dict) -> None:
+            record.setdefault("history", []).append({"step": step, **row})
+            record.setdefault("last", {}).update(values)
+            record.setdefault("last_step", {}).update(dict.fromkeys(values, step))
+            for prefix in unconverged(values):
+                record.setdefault("unconverged", []).append(
+                    {
+                        "step": step,
+                        "epoch": row.get("epoch"),
+                        "prefix": prefix,
+                        "rel_error": values.get(f"{prefix}/rel_error"),
+                    }
+                )
+            segment = (record.get("segments") or [{}])[-1]
+            if "started_unix" in segment:  # a heartbeat: a segment that dies keeps its time so far
+                segment["wall_time_s"] = time.time() - segment["started_unix"]
+
+        modify_record(self.path, append)
+
+    @rank_zero_only
+    def annotate(self, **fields) -> None:
+        modify_record(self.path, lambda record: record.update(plain(fields)))
 
 
 class _ResumingWriter(ExperimentWriter):

@@ -44,7 +44,7 @@ from omegaconf import OmegaConf
 
 from lifecycle import sweep
 from lifecycle.identity import NOT_TRAINING
-from lifecycle.record import FINISHED, RECORD, is_per_step, read_record
+from lifecycle.record import FINISHED, RECORD, is_per_step, reached_target, read_record
 from lightning_modules.config import effective_lr
 
 EPOCH = "epoch"
@@ -273,7 +273,7 @@ def summary_of(record: Mapping) -> dict[str, Any]:
     facts = {
         "status": record.get("status"),
         "stop_reason": reason,
-        "reached_target": None if reason is None else reason.startswith("target_"),
+        "reached_target": reached_target(record),
         "epochs": record.get("stopped_at_epoch"),
         "steps": record.get("stopped_at_step"),
         "wall_time_s": record.get("wall_time_s"),

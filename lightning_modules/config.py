@@ -43,6 +43,14 @@ def effective_lr(lr_rule: str, lr: float | None, lr_ratio: float | None, batch_s
     return lr
 
 
+def stability_threshold(lr: float | None, momentum: float | None) -> float | None:
+    """Where full-batch gradient descent with heavy-ball momentum ``momentum`` stops being stable on a
+    quadratic: 2(1 + β)/lr (Cohen et al. 2021, "edge of stability"); None without an lr."""
+    if not lr or momentum is None:
+        return None
+    return 2 * (1 + momentum) / lr
+
+
 def _number(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
