@@ -93,7 +93,7 @@ class AdversarialAccuracy(EpochEndMeasurement):
 
     def __init__(
         self,
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = 2,
         subset_size: int | None = 500,
         subset_seed: int = 0,
         batch_size: int = 500,
@@ -175,6 +175,26 @@ class AdversarialAccuracy(EpochEndMeasurement):
         self.specs: list[AttackSpec] = []  # the epoch-end attacks
         self.final_specs: list[AttackSpec] = []  # and the final measurement's
         self._data: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def check_against(self, model: nn.Module, datamodule) -> None:
+        """Refuse, before training, a subset larger than the test set and more APGD-T target
+        classes than the data has other classes."""
+        size = self.split_size(datamodule, "test")
+        check(
+            self.subset_size is None or size is None or self.subset_size <= size,
+            "subset_size",
+            self.subset_size,
+            f"larger than the {size} test images (null: all of them)",
+        )
+        classes = getattr(getattr(datamodule, "info", None), "num_classes", None)
+        check(
+            "apgdt" not in self.attacks + self.final_attacks
+            or classes is None
+            or self.apgd_target_classes <= classes - 1,
+            "apgd_target_classes",
+            self.apgd_target_classes,
+            f"at most {None if classes is None else classes - 1} (the data's other classes)",
+        )
 
     def metric_name(self, spec: AttackSpec) -> str:
         """``adv/<attack>_<norm>/eps<e>``: the logged name of one attack of the grid."""
