@@ -121,6 +121,19 @@ class EpochEndMeasurement(pl.Callback):
             )
         return get(split)
 
+    @staticmethod
+    def split_size(datamodule, split: str) -> int | None:
+        """The number of samples in the datamodule's ``split`` ("train", "test"), known without
+        loading the data, or None when the datamodule cannot tell (``split_size(split)``)."""
+        get = getattr(datamodule, "split_size", None)
+        return None if get is None else get(split)
+
+    def check_against(self, model: torch.nn.Module, datamodule) -> None:
+        """Refuse, before training, settings this model and data cannot serve (a subset larger
+        than the data, more eigenvalues than parameters): raise :class:`ConfigError` naming the
+        setting. The job lifecycle calls it after building the model and the datamodule, and
+        reports the key as ``callbacks.<name>.<key>``. The default checks nothing."""
+
     def measure_module(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> dict[str, float]:
         raise NotImplementedError
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from callbacks.epoch_measurement import EpochEndMeasurement
@@ -25,6 +25,9 @@ from measures.linalg import (
 )
 from measures.module_state import gradients_enabled, preserved_module_state
 
+TRACE_MIN_SAMPLES = 10
+"""Hutchinson samples drawn before the trace's stop rule is first checked."""
+
 
 class HessianSpectrum(EpochEndMeasurement):
     """Top-k Hessian eigenvalues (and λ_min, trace) of the training loss at epoch ends.
@@ -39,7 +42,8 @@ class HessianSpectrum(EpochEndMeasurement):
         hessian/trace, hessian/trace_stderr     Hutchinson trace (if ``trace=true``)
         hessian/rel_error                       largest estimated eigenvalue error, over |λ_1|
         hessian/residual                        largest relative residual ||Hv - λv|| / |λ_1|
-        hessian/converged                       1.0 if the stop (``tol``) was reached
+        hessian/converged                       1.0 if every stop was reached (Lanczos, and trace)
+        hessian/trace_converged                 1.0 if the trace reached ``trace_rtol`` (with ``trace``)
         hessian/warm                            1.0 if Lanczos started from the previous Ritz vectors
         hessian/n_hvp, hessian/seconds          cost of this measurement
 
@@ -50,11 +54,12 @@ class HessianSpectrum(EpochEndMeasurement):
 
     **Accuracy.** By default (``stop="eigenvalue"``, ``tol=1e-4``) Lanczos stops once every
     reported eigenvalue's estimated error (``hessian/rel_error``) is at most ``tol · |λ_1|`` at three
-    consecutive steps: λ_1 to ~4 significant digits, λ_min to the same absolute accuracy. The
+    consecutive steps: λ_1 to about ``-log10(tol)`` significant digits, λ_min to the same absolute
+    accuracy. The
     estimate (about ``residual² / gap``, never more than the residual) assumes every eigenvalue
     next to a reported one has been resolved; see :func:`measures.linalg.ritz_error_bounds`.
-    ``stop="residual"`` restores the former rule (residual ``<= tol · |λ_1|``; with ``tol=1e-5``
-    eigenvalues to ~1e-10).
+    ``stop="residual"`` restores the former rule (residual ``<= tol · |λ_1|``; the eigenvalue error
+    is then about the residual squared over the gap, far below ``tol``).
 
     **Warm start** (``warm_start=true``, off by default): each measurement starts Lanczos from the
     previous one's Ritz vectors (the ``k`` top and the lowest, with 2 guard vectors beside each
@@ -63,14 +68,22 @@ class HessianSpectrum(EpochEndMeasurement):
     its stop over 3 extra steps. Rank-independent (the vectors come from all-reduced products).
     It falls back to a random start for the next measurement when a warm one used at least as
     many products as the last cold one, and after a change of the model's size. The combined
-    vector (one model-sized float64 vector: +494 KB on LeNet's 506 KB checkpoint) is kept in the
-    checkpoint when it is at most ``warm_start_checkpoint_mb``, so a resumed run measures exactly
-    as an uninterrupted one; larger models start cold after a resume. Why it is off: on the
-    default 10-epoch run (``benchmarks/hessian_warm.py``) it saved 4% of the products (362 vs 378)
-    and at one epoch reported λ_min's near-degenerate neighbour instead of λ_min (error 2.8e-4 of
-    |λ_1|, above ``tol``): the top eigenvalues are outliers a cold start finds in ~12 products, and
-    the eigenvectors at the dense negative end turn too much between epochs. See
+    vector (one model-sized float64 vector) is kept in the checkpoint when it is at most
+    ``warm_start_checkpoint_mb``, so a resumed run measures exactly as an uninterrupted one;
+    larger models start cold after a resume. Why it is off: the top eigenvalues are outliers that
+    a cold start finds in few products, and the eigenvectors at the dense negative end turn too
+    much between epochs for the old ones to help, so it saved little and can report λ_min's
+    near-degenerate neighbour instead of λ_min (README "Hessian spectrum" and
+    ``benchmarks/hessian_warm.py`` have the measurements). See
     :func:`measures.linalg.lanczos_eigenvalues` for what the guards do and do not catch.
+
+    **Convergence.** A measurement that did not reach its stop (Lanczos's ``tol`` within
+    ``max_iter`` products, or the trace's ``trace_rtol`` within ``trace_max_samples``) is logged
+    with ``hessian/converged`` 0 and warned about at once (:func:`rank_zero_warn`, naming the
+    epoch, the error reached, the tolerance, and what to change); the run's record lists it under
+    ``unconverged`` and the console summary marks it. Settings that cannot work for the model and
+    data (``k`` beyond the parameter count or beyond what ``max_iter`` steps can deliver, a subset
+    larger than the training set) are refused before training (:meth:`check_against`).
 
     Args:
         every_n_epochs, every_n_steps, at_end, prefix: when to measure (exactly one of
@@ -95,12 +108,12 @@ class HessianSpectrum(EpochEndMeasurement):
 
     def __init__(
         self,
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = 2,
         subset_size: int | None = 1000,
         subset_seed: int = 0,
-        batch_size: int = 500,
+        batch_size: int = 250,
         k: int = 3,
-        smallest: bool = True,
+        smallest: bool = False,
         tol: float = 1e-4,
         stop: str = "eigenvalue",
         max_iter: int = 100,
@@ -136,6 +149,20 @@ class HessianSpectrum(EpochEndMeasurement):
         check(stop in STOPS, "stop", stop, f"allowed: {', '.join(STOPS)}")
         check(isinstance(max_iter, int) and max_iter >= 1, "max_iter", max_iter, "must be an integer >= 1")
         check(
+            max_iter > k + int(smallest),
+            "k",
+            k,
+            f"k + smallest ({k + int(smallest)}) must be below max_iter ({max_iter}): Lanczos confirms "
+            "n eigenvalues only with more than n steps (lower k, or raise max_iter)",
+        )
+        check(trace_rtol > 0, "trace_rtol", trace_rtol, "must be > 0")
+        check(
+            isinstance(trace_max_samples, int) and trace_max_samples >= TRACE_MIN_SAMPLES,
+            "trace_max_samples",
+            trace_max_samples,
+            f"must be an integer >= {TRACE_MIN_SAMPLES} (the trace's first stop check)",
+        )
+        check(
             warm_start_checkpoint_mb >= 0,
             "warm_start_checkpoint_mb",
             warm_start_checkpoint_mb,
@@ -170,11 +197,14 @@ class HessianSpectrum(EpochEndMeasurement):
         x: torch.Tensor,
         y: torch.Tensor,
         progress: Callable[[LanczosProgress], None] | None = None,
+        where: str = "",
     ) -> dict[str, float]:
         """Spectrum (and trace) of ``loss_fn(model(x), y)`` on this rank's ``(x, y)``, in ``bn_mode``.
 
         Warm-starts from the previous call's Ritz vectors when ``warm_start`` (see the class);
-        ``progress`` receives each Lanczos step (:class:`~measures.linalg.LanczosProgress`).
+        ``progress`` receives each Lanczos step (:class:`~measures.linalg.LanczosProgress`). A
+        measurement short of its stop is warned about (:meth:`convergence_warnings`), ``where``
+        (e.g. "epoch 3") saying which one.
         """
         start_time = time.perf_counter()
         if self.float64:
@@ -202,7 +232,11 @@ class HessianSpectrum(EpochEndMeasurement):
                 tr = None
                 if self.trace:
                     tr = hutchinson_trace(
-                        op, rtol=self.trace_rtol, max_samples=self.trace_max_samples, seed=self.seed
+                        op,
+                        rtol=self.trace_rtol,
+                        min_samples=TRACE_MIN_SAMPLES,
+                        max_samples=self.trace_max_samples,
+                        seed=self.seed,
                     )
             finally:
                 op.release()
@@ -215,13 +249,60 @@ class HessianSpectrum(EpochEndMeasurement):
         residuals = eig.residuals.tolist() + eig.smallest_residuals.tolist()
         metrics[f"{p}/rel_error"] = eig.rel_error
         metrics[f"{p}/residual"] = max(residuals) / max(abs(float(eig.eigenvalues[0])), 1e-30)
-        metrics[f"{p}/converged"] = float(eig.converged)
+        metrics[f"{p}/converged"] = float(eig.converged and (tr is None or tr.converged))
         metrics[f"{p}/warm"] = float(eig.warm)
         if tr is not None:
             metrics[f"{p}/trace"], metrics[f"{p}/trace_stderr"] = tr.trace, tr.stderr
+            metrics[f"{p}/trace_converged"] = float(tr.converged)
         metrics[f"{p}/n_hvp"] = float(op.n_hvp)
         metrics[f"{p}/seconds"] = time.perf_counter() - start_time
+        for message in self.convergence_warnings(metrics, eig.converged, where):
+            rank_zero_warn(message)
         return metrics
+
+    def convergence_warnings(
+        self, metrics: dict[str, float], lanczos_converged: bool, where: str = ""
+    ) -> list[str]:
+        """What to tell a user when a measurement missed its stop: the error reached, the
+        tolerance, and the settings that buy accuracy. Empty when every stop was reached."""
+        p, at = self.prefix, f" at {where}" if where else ""
+        name = type(self).__name__ + ("" if p == "hessian" else f":{p}")
+        out = []
+        if not lanczos_converged:
+            out.append(
+                f"[{name}] UNCONVERGED{at}: eigenvalues' estimated error {metrics[f'{p}/rel_error']:.3g} of "
+                f"|lambda_1| > tol {self.tol:g} after {int(metrics[f'{p}/n_hvp'])} products (max_iter "
+                f"{self.max_iter}): the logged {p}/lambda_* are not accurate to tol. Raise "
+                f"callbacks.{p}.max_iter, or loosen callbacks.{p}.tol."
+            )
+        if metrics.get(f"{p}/trace_converged", 1.0) < 1:
+            out.append(
+                f"[{name}] UNCONVERGED{at}: trace standard error {metrics[f'{p}/trace_stderr']:.3g} > "
+                f"trace_rtol {self.trace_rtol:g} x |trace| {abs(metrics[f'{p}/trace']):.3g} after "
+                f"{self.trace_max_samples} samples. Raise callbacks.{p}.trace_max_samples, or loosen "
+                f"callbacks.{p}.trace_rtol."
+            )
+        return out
+
+    def check_against(self, model: nn.Module, datamodule) -> None:
+        """Refuse, before training, what the model and data cannot give: more eigenvalues than
+        parameters, a subset larger than the training set."""
+        dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n = self.k + int(self.smallest)
+        check(
+            n <= dim,
+            "k",
+            self.k,
+            f"the model has {dim} parameters, so the Hessian has {dim} eigenvalues "
+            f"(k + smallest = {n} asked)",
+        )
+        size = self.split_size(datamodule, "train")
+        check(
+            self.subset_size is None or size is None or self.subset_size <= size,
+            "subset_size",
+            self.subset_size,
+            f"larger than the {size} training images (null: all of them)",
+        )
 
     def _remember(self, vectors: torch.Tensor | None, n_hvp: int, warm: bool) -> None:
         """Keep the next start vector and decide whether the next measurement starts cold.
@@ -266,7 +347,9 @@ class HessianSpectrum(EpochEndMeasurement):
             name = type(self).__name__ + ("" if self.prefix == "hessian" else f":{self.prefix}")
             label = f"[{name}] epoch {trainer.current_epoch}"
             progress = ProgressLines(label, rank_zero_info, after_s=self.progress_after_s)
-        return self.measure(model, loss_fn, x.to(param.dtype), y, progress=progress)
+        return self.measure(
+            model, loss_fn, x.to(param.dtype), y, progress=progress, where=f"epoch {trainer.current_epoch}"
+        )
 
     def state_dict(self) -> dict:
         state = super().state_dict()
