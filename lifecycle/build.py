@@ -74,6 +74,12 @@ def validate(cfg: DictConfig, multirun: bool) -> BatchPlan:
         t.max_steps,
         "must be an integer >= 1, or -1 for no step budget",
     )
+    check(
+        not (t.max_epochs == -1 and t.max_steps == -1),
+        "trainer.max_epochs",
+        t.max_epochs,
+        "-1 (no epoch limit) needs a step budget, trainer.max_steps >= 1: without either, training never ends",
+    )
     _settings(AdversarialTraining, "adversarial_training", cfg.adversarial_training)
 
     world = _world_size(cfg)
@@ -148,20 +154,69 @@ def build_model(cfg: DictConfig) -> torch.nn.Module:
     return net
 
 
-def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    """Every configured callback; a bad argument is a config error under ``callbacks.<name>``."""
-    built = []
+def build_named_callbacks(cfg: DictConfig) -> dict[str, pl.Callback]:
+    """Every configured callback by its name under ``callbacks``; a bad argument is a config error
+    under ``callbacks.<name>``."""
+    built = {}
     for name, ccfg in (cfg.get("callbacks") or {}).items():
         if ccfg is None:
             continue
         try:
-            built.append(hydra.utils.instantiate(ccfg))
+            built[name] = hydra.utils.instantiate(ccfg)
         except InstantiationException as e:
             cause = e.__cause__
             if isinstance(cause, ConfigError):
                 raise cause.under(f"callbacks.{name}") from None
             raise ConfigError(f"callbacks.{name}", ccfg.get("_target_"), str(cause or e)) from None
     return built
+
+
+def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """Every configured callback (:func:`build_named_callbacks`), in config order."""
+    return list(build_named_callbacks(cfg).values())
+
+
+def check_against_data(
+    cfg: DictConfig,
+    plan: BatchPlan,
+    net: torch.nn.Module,
+    datamodule: pl.LightningDataModule,
+    callbacks: dict[str, pl.Callback],
+) -> None:
+    """The checks that need the built model and datamodule, before training: the global batch
+    against the training set, the data's own sizes (``data.<key>``), and each callback's
+    ``check_against(model, datamodule)`` (``callbacks.<name>.<key>``)."""
+    size = getattr(datamodule, "split_size", None)
+    if size is not None:
+        n = size("train")
+        b, world = plan.global_batch, plan.world_size
+        fits = n - n % world
+        check(
+            b <= n,
+            "optimizer.batch_size",
+            b,
+            f"larger than the {n} training images of data={cfg.data.name}: an epoch would be "
+            + (
+                "no step at all (data.drop_last=true)"
+                if cfg.data.get("drop_last")
+                else f"one step over {n} images"
+            )
+            + f"; use at most {fits}",
+        )
+    check_sizes = getattr(datamodule, "check_sizes", None)
+    if check_sizes is not None:
+        try:
+            check_sizes()
+        except ConfigError as e:
+            raise e.under("data") from None
+    for name, callback in callbacks.items():
+        check_callback = getattr(callback, "check_against", None)
+        if check_callback is None:
+            continue
+        try:
+            check_callback(net, datamodule)
+        except ConfigError as e:
+            raise e.under(f"callbacks.{name}") from None
 
 
 @dataclasses.dataclass
@@ -186,7 +241,8 @@ def build_job(cfg: DictConfig, multirun: bool) -> Job:
     datamodule = hydra.utils.instantiate(
         cfg.data, batch_size=plan.global_batch, micro_batch_size=plan.micro_batch, seed=cfg.seed
     )
-    callbacks = build_callbacks(cfg)
+    callbacks = build_named_callbacks(cfg)
+    check_against_data(cfg, plan, net, datamodule, callbacks)
     module = SGDClassifier(
         net,
         SGDConfig(**cfg.optimizer),
@@ -195,4 +251,4 @@ def build_job(cfg: DictConfig, multirun: bool) -> Job:
         micro_batch=plan.micro_batch,
         num_classes=DATASETS[cfg.data.name].num_classes,
     )
-    return Job(plan, module, datamodule, callbacks)
+    return Job(plan, module, datamodule, list(callbacks.values()))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hydra
 import pytest
 
-from lifecycle.build import build_callbacks, build_model, validate
+from lifecycle.build import build_callbacks, build_job, build_model, validate
 from lightning_modules.config import ConfigError
 from tests.helpers import ROOT, run_train
 
@@ -59,6 +59,7 @@ BAD = [
     (["data.name=svhn"], "data.name='svhn'", "mnist5k, mnist, fashion_mnist, cifar10, cifar100"),
     (["trainer=ddp_spawn", "optimizer.batch_size=127"], "optimizer.batch_size=127", "across 2 devices"),
     (["trainer.max_epochs=0"], "trainer.max_epochs=0", ">= 1"),
+    (["trainer.max_epochs=-1"], "trainer.max_epochs=-1", "needs a step budget, trainer.max_steps >= 1"),
 ]
 
 
@@ -170,3 +171,44 @@ def test_the_study_arms_set_the_papers_comparisons(
     arms = grid["arm"].split(",")
     assert sorted(arms) == sorted(p.stem for p in (ROOT / "conf" / "arm").glob("*.yaml"))
     assert len(arms) * len(grid["optimizer.batch_size"].split(",")) * len(grid["seed"].split(",")) == 45
+
+
+REFUSED_BEFORE_TRAINING = [
+    (["optimizer.batch_size=1000000"],
+     "optimizer.batch_size=1000000 is invalid: larger than the 4000 training images", "use at most 4000"),
+    (["optimizer.batch_size=4001", "data.drop_last=true"], "optimizer.batch_size=4001", "no step at all"),
+    (["callbacks.hessian.k=100000"], "callbacks.hessian.k=100000 is invalid", "must be below max_iter"),
+    (["callbacks.hessian.k=100000", "callbacks.hessian.max_iter=200000"],
+     "callbacks.hessian.k=100000 is invalid", "the model has 61706 parameters"),
+    (["callbacks.hessian.subset_size=4001"], "callbacks.hessian.subset_size=4001", "the 4000 training images"),
+    (["callbacks.adversarial.subset_size=501"], "callbacks.adversarial.subset_size=501", "the 500 test images"),
+    (["callbacks.adversarial.final_attacks=[apgdt]", "callbacks.adversarial.apgd_target_classes=10"],
+     "callbacks.adversarial.apgd_target_classes=10", "at most 9"),
+    (["data.train_eval_size=4001"], "data.train_eval_size=4001", "the 4000 training images"),
+    (["data=mnist", "data.val_size=20000"], "data.val_size=20000", "at most 12000"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "overrides,named,why", REFUSED_BEFORE_TRAINING, ids=[r[1] for r in REFUSED_BEFORE_TRAINING]
+)
+def test_settings_the_model_or_data_cannot_serve_are_refused_before_training(compose, overrides, named, why):
+    with pytest.raises(ConfigError) as e:
+        build_job(compose(overrides), multirun=False)
+    assert named in str(e.value) and why in str(e.value), str(e.value)
+
+
+def test_sizes_the_data_can_serve_are_built(compose):
+    job = build_job(compose(["optimizer.batch_size=4000", "callbacks.hessian.subset_size=4000",
+                             "callbacks.adversarial.subset_size=500", "trainer.max_epochs=-1",
+                             "trainer.max_steps=5"]), multirun=False)  # fmt: skip
+    assert job.plan.global_batch == 4000 and len(job.callbacks) == 6
+
+
+@pytest.mark.slow
+def test_a_setting_the_model_cannot_serve_exits_2_before_training(tmp_path):
+    proc = run_train(
+        ["callbacks.hessian.k=100000", "callbacks.hessian.max_iter=200000"], tmp_path, check=False
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "callbacks.hessian.k=100000 is invalid" in proc.stderr and "Epoch" not in proc.stderr
