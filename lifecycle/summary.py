@@ -4,7 +4,37 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lifecycle.record import RECORD
+from lifecycle.record import RECORD, unconverged
+
+
+def _settings_of(record: dict, prefix: str) -> dict:
+    """The config of the callback that logs under ``prefix`` (its ``prefix`` key, else its name)."""
+    callbacks = (record.get("config") or {}).get("callbacks") or {}
+    for name, c in callbacks.items():
+        if isinstance(c, dict) and c.get("prefix", name) == prefix:
+            return c
+    return {}
+
+
+def unconverged_note(record: dict, prefix: str) -> str:
+    """`` (UNCONVERGED: rel_error 0.27 > tol 0.0001)`` when the final ``prefix`` measurement missed
+    its stop (:func:`lifecycle.record.unconverged`), else ``""``."""
+    f = record.get("final") or {}
+    if prefix not in unconverged(f):
+        return ""
+    c = _settings_of(record, prefix)
+    why = []
+    rel, tol = f.get(f"{prefix}/rel_error"), c.get("tol")
+    trace_missed = f.get(f"{prefix}/trace_converged") == 0
+    if isinstance(rel, float) and (tol is None or rel > tol or not trace_missed):
+        why.append(f"rel_error {rel:.3g}" + (f" > tol {tol:g}" if tol is not None else ""))
+    if trace_missed:
+        rtol = c.get("trace_rtol")
+        why.append(
+            f"trace stderr {f.get(f'{prefix}/trace_stderr', float('nan')):.3g}"
+            + (f" > trace_rtol {rtol:g} x |trace|" if rtol is not None else "")
+        )
+    return f" (UNCONVERGED: {', '.join(why) or 'stop not reached'})"
 
 
 def summarize(record: dict, out_dir: Path) -> str:
@@ -33,7 +63,15 @@ def summarize(record: dict, out_dir: Path) -> str:
     if "hessian/trace" in f:
         hessian.append(f"trace {f['hessian/trace']:.4g}")
     if hessian:
-        lines.append("[train] Hessian: " + "  ".join(hessian))
+        lines.append(f"[train] Hessian{unconverged_note(record, 'hessian')}: " + "  ".join(hessian))
+    earlier: dict[str, list] = {}
+    for row in record.get("unconverged") or []:
+        earlier.setdefault(row.get("prefix"), []).append(row.get("epoch"))
+    for prefix, epochs in sorted(earlier.items(), key=lambda item: str(item[0])):
+        lines.append(
+            f"[train] UNCONVERGED {prefix} measurements at epoch(s) {', '.join(str(e) for e in epochs)}: "
+            f"their values are short of the stop's accuracy (record: unconverged)"
+        )
     attacks: dict[str, list[str]] = {}
     for k in sorted(f, key=lambda k: (k.split("/eps")[0], float(k.split("/eps")[1]) if "/eps" in k else 0)):
         if k.startswith("adv/") and "/eps" in k:

@@ -13,7 +13,9 @@ W&B whichever way it got there:
   it does not change; if it changes (a scheduled lr) it is charted, its earlier epochs included;
 - **summary** (:func:`summary_of`): the record's ``final`` as plain numbers under their logged
   names (non-finite ones as the record writes them: ``"nan"``, ``"inf"``), the run's ``status``, ``stop_reason``, ``reached_target``, ``epochs``, ``steps``,
-  ``wall_time_s`` and ``time/<part>`` (the record's ``time_split``), ``segments``, ``error``, and
+  ``wall_time_s`` and ``time/<part>`` (the record's ``time_split``), ``segments``, ``error``,
+  ``unconverged`` (the prefixes of measurements that missed their stop, comma-separated; only
+  when there are some: each row's ``<prefix>/converged`` stays in the history), and
   the best value of every accuracy and loss so far as ``best/<name>`` (epoch in
   ``best_epoch/<name>``);
 - **grouping** (:func:`init_kwargs`): one W&B group per grid point (:func:`group_of`: the
@@ -44,7 +46,7 @@ from omegaconf import OmegaConf
 
 from lifecycle import sweep
 from lifecycle.identity import NOT_TRAINING
-from lifecycle.record import FINISHED, RECORD, is_per_step, reached_target, read_record
+from lifecycle.record import FINISHED, RECORD, is_per_step, reached_target, read_record, unconverged
 from lightning_modules.config import effective_lr
 
 EPOCH = "epoch"
@@ -283,6 +285,9 @@ def summary_of(record: Mapping) -> dict[str, Any]:
     out.update({k: v for k, v in facts.items() if v is not None})
     for part, seconds in (record.get("time_split") or {}).items():
         out[f"time/{part}"] = summary_value(seconds)
+    flagged = {row.get("prefix") for row in record.get("unconverged") or [] if row.get("prefix")}
+    if flagged := flagged | set(unconverged(record.get("final") or {})):  # at any row, or in final
+        out["unconverged"] = ",".join(sorted(flagged))
     return out
 
 
@@ -372,19 +377,10 @@ def mark_sent(job_dir: Path, record: Mapping, run) -> None:
         return
     path = Path(job_dir) / "wandb" / SENT
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        json.dumps(
-            {
-                "run_id": run.id,
-                "digest": digest(record),
-                "status": record.get("status"),
-                "mode": mode,
-                "run_dir": str(Path(run.dir).parent) if getattr(run, "dir", None) else None,
-                "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            },
-            indent=1,
-        )
-    )
+    run_dir = str(Path(run.dir).parent) if getattr(run, "dir", None) else None
+    at = time.strftime("%Y-%m-%dT%H:%M:%S")
+    sent = {"run_id": run.id, "digest": digest(record), "status": record.get("status"), "mode": mode}
+    path.write_text(json.dumps({**sent, "run_dir": run_dir, "at": at}, indent=1))
 
 
 def already_sent(job_dir: Path, record: Mapping) -> dict | None:

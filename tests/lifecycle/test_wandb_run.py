@@ -140,3 +140,19 @@ def test_could_be_constant(value, expected):
         wandb_run.could_be_constant("opt/momentum" if value == 0.9 else "x/y", value, settings_of(CONFIG))
         is expected
     )
+
+
+def test_summary_names_the_unconverged_measurements_and_the_history_keeps_the_flag():
+    record = {
+        "status": "completed",
+        "history": [{"step": 9, "epoch": 0, "hessian/converged": 0.0, "hessian/lambda_1": 1e-4}],
+        "unconverged": [{"step": 9, "epoch": 0, "prefix": "hessian", "rel_error": 209.0}],
+        "final": {"hessian/converged": 1.0, "adv/converged": 0.0, "hessian/lambda_1": 1.0},
+    }
+    assert summary_of(record)["unconverged"] == "adv,hessian"
+    assert "unconverged" not in summary_of({**record, "unconverged": [], "final": {"hessian/converged": 1.0}})
+    history = History(settings_of({"callbacks": {"hessian": {"tol": 1e-4, "max_iter": 100}}}))
+    (row, _), *_ = history.add({"epoch": 0, "hessian/converged": 0.0}, 9).rows
+    assert row["hessian/converged"] == 0.0
+    (row, _), *_ = history.add({"epoch": 1, "hessian/converged": 1.0}, 19).rows
+    assert row["hessian/converged"] == 1.0
