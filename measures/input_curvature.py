@@ -30,11 +30,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from measures.attacks import _input_gradient, _linf_box, _pgd_step, per_sample_unit_start
 from measures.linalg import DEFAULT_TOL, ritz_error_bounds
 from measures.module_state import autograd_input, gradients_enabled, preserved_module_state
 from measures.noise import sample_normal
 
-__all__ = ["InputCurvature", "batched_lanczos", "input_curvature", "input_hessian_products", "input_trace"]
+__all__ = [
+    "InputCurvature",
+    "batched_lanczos",
+    "input_curvature",
+    "input_hessian_products",
+    "input_trace",
+    "pgd_iterates",
+]
 
 NOISE_STREAM = 40
 """The :mod:`measures.noise` stream of the Lanczos start vectors (the attacks use lower streams)."""
@@ -119,7 +127,9 @@ def batched_lanczos(
     less than 8 of its units of roundoff).
     """
     if k < 1 or smallest < 0 or max_iter < 1 or not tol > 0:
-        raise ValueError(f"need k >= 1, smallest >= 0, max_iter >= 1, tol > 0; got {k}, {smallest}, {max_iter}, {tol}")
+        raise ValueError(
+            f"need k >= 1, smallest >= 0, max_iter >= 1, tol > 0; got {k}, {smallest}, {max_iter}, {tol}"
+        )
     if k + smallest > dim:
         raise ValueError(f"k + smallest = {k + smallest} exceeds the input dimension {dim}")
     device = torch.device(device)
@@ -186,7 +196,9 @@ def batched_lanczos(
     return BatchedEigen(result_top, result_low, result_err, converged, steps, n_products)
 
 
-def input_trace(matvec, batch: int, dim: int, device, dtype=torch.float64, chunk: int | None = None) -> torch.Tensor:
+def input_trace(
+    matvec, batch: int, dim: int, device, dtype=torch.float64, chunk: int | None = None
+) -> torch.Tensor:
     """Exact trace of each example's input Hessian: ``Σ_j e_jᵀ H_i e_j`` over the ``dim`` coordinates
     (``dim`` batched products)."""
     trace = torch.zeros(batch, dtype=torch.float64, device=device)
@@ -238,7 +250,16 @@ def input_curvature(
     with preserved_module_state(model, mode="eval"):
         matvec = input_hessian_products(model, x.to(dtype), y)
         eig = batched_lanczos(
-            matvec, index, dim, k=k, smallest=1, tol=tol, max_iter=max_iter, seed=seed, device=x.device, dtype=dtype
+            matvec,
+            index,
+            dim,
+            k=k,
+            smallest=1,
+            tol=tol,
+            max_iter=max_iter,
+            seed=seed,
+            device=x.device,
+            dtype=dtype,
         )
         tr = input_trace(matvec, len(x), dim, x.device, dtype) if trace else None
     return InputCurvature(
@@ -249,3 +270,28 @@ def input_curvature(
         converged=eig.converged,
         n_products=eig.n_products + (dim if trace else 0),
     )
+
+
+def pgd_iterates(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    index: torch.Tensor,
+    eps: float,
+    step_size: float,
+    steps: int,
+    seed: int = 0,
+) -> list[torch.Tensor]:
+    """Every iterate of L∞ PGD (start, step 1, ..., step ``steps``), from the per-sample random start
+    the robust-accuracy counts use (:func:`measures.attacks.per_sample_unit_start` with the same
+    ``seed``): the points the attack's inner loop visits. The model's mode is the caller's."""
+    with gradients_enabled():
+        x, y = autograd_input(x), autograd_input(y)
+        adv = (x + eps * per_sample_unit_start(x, index, seed, "linf")).clamp(0, 1)
+        box = _linf_box(x, eps)
+        path = [adv.detach()]
+        for _ in range(steps):
+            grad = _input_gradient(model, adv, y)
+            adv = _pgd_step(adv.detach(), grad, x, eps, step_size, "linf", box)
+            path.append(adv.detach())
+    return path

@@ -105,7 +105,9 @@ def test_batched_recurrences_give_each_example_what_it_gets_alone():
     index = torch.arange(100, 106)
     together = input_curvature(model, x, y, index, k=2, trace=False, tol=1e-6)
     for i in range(len(x)):
-        alone = input_curvature(model, x[i : i + 1], y[i : i + 1], index[i : i + 1], k=2, trace=False, tol=1e-6)
+        alone = input_curvature(
+            model, x[i : i + 1], y[i : i + 1], index[i : i + 1], k=2, trace=False, tol=1e-6
+        )
         assert torch.allclose(alone.top[0], together.top[i], rtol=1e-10, atol=0)
         assert torch.allclose(alone.smallest[0], together.smallest[i], rtol=1e-10, atol=1e-14)
 
@@ -116,7 +118,9 @@ def test_a_batchnorm_models_per_example_result_does_not_depend_on_the_other_exam
     x2[0], y2[0] = x[0], y[0]
     a = input_curvature(model, x, y, k=2, max_iter=D)
     b = input_curvature(model, x2, y2, k=2, max_iter=D)
-    assert torch.allclose(a.top[0], b.top[0], rtol=1e-10) and torch.allclose(a.trace[0], b.trace[0], rtol=1e-10)
+    assert torch.allclose(a.top[0], b.top[0], rtol=1e-10) and torch.allclose(
+        a.trace[0], b.trace[0], rtol=1e-10
+    )
 
 
 def test_the_model_is_left_as_found():
@@ -141,7 +145,9 @@ def test_batched_lanczos_on_known_matrices():
     q, _ = torch.linalg.qr(torch.randn((b, dim, dim), generator=g, dtype=torch.float64))
     spectra = torch.stack([torch.linspace(-1, 10 * (i + 1), dim, dtype=torch.float64) for i in range(b)])
     mats = q @ torch.diag_embed(spectra) @ q.transpose(1, 2)
-    eig = batched_lanczos(lambda v: torch.einsum("bij,bj->bi", mats, v), torch.arange(b), dim, k=2, smallest=1)
+    eig = batched_lanczos(
+        lambda v: torch.einsum("bij,bj->bi", mats, v), torch.arange(b), dim, k=2, smallest=1
+    )
     assert bool(eig.converged.all())
     scale = spectra.abs().amax(1, keepdim=True)
     assert ((eig.eigenvalues - spectra.flip(1)[:, :2]).abs() <= 1e-4 * scale).all()
