@@ -35,6 +35,23 @@ class ImageClassifier(nn.Sequential):
         self.body = body
 
 
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "softplus": nn.Softplus,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+}
+"""The hidden layers' nonlinearity (``model.activation``). ReLU makes the network piecewise linear in
+its input, so the loss's input Hessian is positive semidefinite almost everywhere (paper B's
+saddle-free inner loop); the smooth ones add curvature of the network's own, which can be negative."""
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"model.activation={name!r} is not one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
 def _flat_size(features: nn.Module, input_shape: Sequence[int]) -> int:
     with torch.no_grad():
         n = features.eval()(torch.zeros(1, *input_shape)).numel()
@@ -50,44 +67,58 @@ def _stats(mean, std, channels):
     return mean, std
 
 
-def mlp(input_shape, num_classes, hidden=(512, 256), mean=None, std=None) -> ImageClassifier:
-    """Fully connected ReLU network on the flattened image."""
+def mlp(
+    input_shape, num_classes, hidden=(512, 256), activation="relu", mean=None, std=None
+) -> ImageClassifier:
+    """Fully connected network on the flattened image (``activation`` between layers)."""
     layers: list[nn.Module] = [nn.Flatten()]
     width = int(torch.tensor(input_shape).prod())
     for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
+        layers += [nn.Linear(width, h), _activation(activation)]
         width = h
     layers.append(nn.Linear(width, num_classes))
     return ImageClassifier(nn.Sequential(*layers), *_stats(mean, std, input_shape[0]))
 
 
-def lenet(input_shape, num_classes, channels=(6, 16), hidden=(120, 84), mean=None, std=None):
-    """LeNet-5 style: two conv5x5 → ReLU → maxpool(2) blocks, then two hidden fc layers."""
+def lenet(
+    input_shape, num_classes, channels=(6, 16), hidden=(120, 84), activation="relu", mean=None, std=None
+):
+    """LeNet-5 style: two conv5x5 → activation → maxpool(2) blocks, then two hidden fc layers."""
     c_in = input_shape[0]
     features = nn.Sequential(
         nn.Conv2d(c_in, channels[0], 5, padding=2),
-        nn.ReLU(),
+        _activation(activation),
         nn.MaxPool2d(2),
         nn.Conv2d(channels[0], channels[1], 5),
-        nn.ReLU(),
+        _activation(activation),
         nn.MaxPool2d(2),
         nn.Flatten(),
     )
     width = _flat_size(features, input_shape)
     layers: list[nn.Module] = [features]
     for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
+        layers += [nn.Linear(width, h), _activation(activation)]
         width = h
     layers.append(nn.Linear(width, num_classes))
     return ImageClassifier(nn.Sequential(*layers), *_stats(mean, std, c_in))
 
 
-def c1(input_shape, num_classes, channels=64, hidden=(384, 192), batch_norm=True, mean=None, std=None):
-    """Paper B's "C1": 2 × [conv5x5(64) → ReLU → BatchNorm → maxpool(3, s2, p1)], fc 384 → fc 192 → fc."""
+def c1(
+    input_shape,
+    num_classes,
+    channels=64,
+    hidden=(384, 192),
+    batch_norm=True,
+    activation="relu",
+    mean=None,
+    std=None,
+):
+    """Paper B's "C1": 2 × [conv5x5(64) → ReLU → BatchNorm → maxpool(3, s2, p1)], fc 384 → fc 192 → fc
+    (``activation`` in place of ReLU, if asked)."""
     c_in = input_shape[0]
     blocks: list[nn.Module] = []
     for c_prev in (c_in, channels):
-        blocks += [nn.Conv2d(c_prev, channels, 5, padding=2), nn.ReLU()]
+        blocks += [nn.Conv2d(c_prev, channels, 5, padding=2), _activation(activation)]
         if batch_norm:
             blocks.append(nn.BatchNorm2d(channels))
         blocks.append(nn.MaxPool2d(3, stride=2, padding=1))
@@ -96,9 +127,9 @@ def c1(input_shape, num_classes, channels=64, hidden=(384, 192), batch_norm=True
     body = nn.Sequential(
         features,
         nn.Linear(width, hidden[0]),
-        nn.ReLU(),
+        _activation(activation),
         nn.Linear(hidden[0], hidden[1]),
-        nn.ReLU(),
+        _activation(activation),
         nn.Linear(hidden[1], num_classes),
     )
     return ImageClassifier(body, *_stats(mean, std, c_in))
