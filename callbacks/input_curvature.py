@@ -91,6 +91,25 @@ class InputCurvature(EpochEndMeasurement):
         self._data = None
         self._n_total = 0
 
+    def check_against(self, model: nn.Module, datamodule) -> None:
+        """Refuse, before training, a subset larger than the test set and more eigenvalues than
+        an input has pixels."""
+        size = self.split_size(datamodule, "test")
+        check(
+            self.subset_size is None or size is None or self.subset_size <= size,
+            "subset_size",
+            self.subset_size,
+            f"larger than the {size} test images (null: all of them)",
+        )
+        shape = getattr(getattr(datamodule, "info", None), "input_shape", None)
+        dim = None if shape is None else int(torch.tensor(shape).prod())
+        check(
+            dim is None or self.k + 1 <= dim,
+            "k",
+            self.k,
+            f"k + 1 (with λ_min) at most the {dim} input values",
+        )
+
     def set_names(self) -> list[str]:
         """The point sets measured, in a fixed order (every rank runs the same collectives)."""
         names = ["clean"]
