@@ -169,6 +169,9 @@ def figure_momentum(df, out):
         axes[0][j].set_title(f"lr rule: {rule}")
         axes[1][j].set_xlabel("batch size")
         legend(axes[0][j], fontsize=8)
+        top = set(axes[0][j].get_legend_handles_labels()[1])
+        if set(axes[1][j].get_legend_handles_labels()[1]) - top:  # a hollow marker only λ1 has
+            legend(axes[1][j], fontsize=8)
     save(fig, out / "momentum.png")
 
 

@@ -12,7 +12,7 @@ import pytest
 
 import report
 from reporting import figures, pipeline, runs
-from reporting import verdicts as v
+from reporting import verdicts as vd
 
 
 def record(
@@ -116,7 +116,7 @@ def verdict(table, kind, metric, **where):
 
 
 def test_batch_size_verdicts_rise_flat_fall_mixed_and_accuracies_in_points():
-    table, notes = v.verdicts(frame(trend_records()))
+    table, notes = vd.verdicts(frame(trend_records()))
     got = {
         (r, m): (verdict(table, "batch_size", "lambda_1", lr_rule=r, momentum=m)["verdict"],
                  verdict(table, "batch_size", "test_acc", lr_rule=r, momentum=m)["verdict"])
@@ -139,9 +139,9 @@ def test_batch_size_verdicts_rise_flat_fall_mixed_and_accuracies_in_points():
 
 def test_a_ratio_on_the_threshold_rises_and_thresholds_are_options():
     recs = [record(b, s, lam, 0.9) for s in (0, 1) for b, lam in ((32, 10.0), (512, 15.0))]
-    table, _ = v.verdicts(frame(recs))
+    table, _ = vd.verdicts(frame(recs))
     assert verdict(table, "batch_size", "lambda_1")["verdict"] == "rises"  # r = 1.5 exactly
-    table, _ = v.verdicts(frame(recs), v.Thresholds(ratio=2.0))
+    table, _ = vd.verdicts(frame(recs), vd.Thresholds(ratio=2.0))
     assert verdict(table, "batch_size", "lambda_1")["verdict"] == "flat"
 
 
@@ -191,7 +191,7 @@ def test_momentum_and_training_verdicts_per_batch_size_and_seed():
     for seed in (0, 1):  # B=128: seed 1 without momentum stopped at its cap
         stop = "max_steps" if seed else "target_train_acc"
         recs += [record(128, seed, 10.0, 0.9, momentum=0.0, stop=stop), record(128, seed, 10.0, 0.9)]
-    table, _ = v.verdicts(frame(recs))
+    table, _ = vd.verdicts(frame(recs))
     acc = verdict(table, "momentum", "test_acc", batch_size=32)
     assert (acc["verdict"], acc["compared"], acc["values"]) == ("rises", "β=0.9 vs β=0", "5, 3")
     assert verdict(table, "momentum", "lambda_1", batch_size=32)["verdict"] == "flat"
@@ -204,29 +204,29 @@ def test_momentum_and_training_verdicts_per_batch_size_and_seed():
     assert (
         adv["per_seed"] == "seed 0: 20 -> 5 (x0.25); seed 1: 30 -> 10 (x0.333)" and adv["expected"] == "falls"
     )
-    table, _ = v.verdicts(frame(recs), v.Thresholds(momenta=(0.0, 0.5)))
+    table, _ = vd.verdicts(frame(recs), vd.Thresholds(momenta=(0.0, 0.5)))
     assert "momentum" not in set(table["kind"])  # no run has momentum 0.5
 
 
 def test_robust_accuracy_prefers_autoattack_then_worst_then_pgd_at_the_chosen_eps():
     df = pd.DataFrame(columns=["adv/pgd_linf/eps0.1", "adv/worst_linf/eps0.1", "adv/autoattack_linf/eps0.05"])
-    assert v.robust_column(df, 0.1) == ("adv/worst_linf/eps0.1", "")
-    assert v.robust_column(df, 0.05) == ("adv/autoattack_linf/eps0.05", "")
-    col, why = v.robust_column(df, 0.3)
+    assert vd.robust_column(df, 0.1) == ("adv/worst_linf/eps0.1", "")
+    assert vd.robust_column(df, 0.05) == ("adv/autoattack_linf/eps0.05", "")
+    col, why = vd.robust_column(df, 0.3)
     assert col is None and "pgd_linf: eps 0.1" in why and "autoattack_linf: eps 0.05" in why
     recs = [
         record(b, s, 10.0, 0.9, adv={"adv/pgd_linf/eps0.1": pgd, "adv/autoattack_linf/eps0.1": aa})
         for s in (0, 1)
         for b, pgd, aa in ((32, 0.80, 0.70), (512, 0.75, 0.60))  # autoattack: -10 points; pgd: -5
     ]
-    table, _ = v.verdicts(frame(recs))
+    table, _ = vd.verdicts(frame(recs))
     row = verdict(table, "batch_size", "robust_acc")
     assert (row["column"], row["verdict"], row["values"]) == (
         "adv/autoattack_linf/eps0.1",
         "falls",
         "-10, -10",
     )
-    table, _ = v.verdicts(frame(recs), v.Thresholds(points=10.5))
+    table, _ = vd.verdicts(frame(recs), vd.Thresholds(points=10.5))
     assert verdict(table, "batch_size", "robust_acc")["verdict"] == "flat"
 
 
@@ -238,7 +238,7 @@ def test_worst_case_gap_per_eps_mean_and_max_and_skipped_without_autoattack():
          "adv/pgd_linf/eps0.2": 0.20, "adv/autoattack_linf/eps0.2": 0.20},
     ]  # fmt: skip
     df = frame([record(32, s, 10.0, 0.9, adv=a) for s, a in enumerate(adv)])
-    gap = v.worst_case_gap(df).set_index("eps")
+    gap = vd.worst_case_gap(df).set_index("eps")
     assert gap.loc[0.1, "gap_mean_points"] == pytest.approx(4.0) and gap.loc[
         0.1, "gap_max_points"
     ] == pytest.approx(6)
@@ -247,7 +247,7 @@ def test_worst_case_gap_per_eps_mean_and_max_and_skipped_without_autoattack():
     ] == pytest.approx(10)
     assert gap.loc[0.1, "gap_max_job"] == "job1" and gap.loc[0.2, "gap_max_job"] == "job0"
     assert list(gap["n_runs"]) == [2, 2]
-    assert v.worst_case_gap(frame([record(32, 0, 10.0, 0.9, adv={"adv/pgd_linf/eps0.1": 0.8})])) is None
+    assert vd.worst_case_gap(frame([record(32, 0, 10.0, 0.9, adv={"adv/pgd_linf/eps0.1": 0.8})])) is None
 
 
 def test_cli_thresholds_are_used_and_recorded_in_verdicts_md(tmp_path, capsys):
@@ -296,21 +296,19 @@ def test_a_cell_with_no_run_at_target_is_untestable_not_an_error():
             "hessian/lambda_1": [10.0, 30.0],
         }
     )
-    out = v.compare(cell, "batch_size", 64, 256, "hessian/lambda_1", "ratio", v.Thresholds())
+    out = vd.compare(cell, "batch_size", 64, 256, "hessian/lambda_1", "ratio", vd.Thresholds())
     assert out["verdict"] == "untestable"
     reached = cell.assign(reached_target=True, seed=[0, 0])
     two = pd.concat(
         [reached, reached.assign(seed=1, **{"hessian/lambda_1": [10.0, 40.0]})], ignore_index=True
     )
     assert (
-        v.compare(two, "batch_size", 64, 256, "hessian/lambda_1", "ratio", v.Thresholds())[
-            "verdict"
-        ]
+        vd.compare(two, "batch_size", 64, 256, "hessian/lambda_1", "ratio", vd.Thresholds())["verdict"]
         == "rises"
     )
 
 
 def test_a_metric_no_run_logged_is_untestable_not_an_error():
     cell = pd.DataFrame({"batch_size": [64, 256], "seed": [0, 0], "status": ["completed"] * 2})
-    out = v.compare(cell, "batch_size", 64, 256, "hessian/lambda_1", "ratio", v.Thresholds())
+    out = vd.compare(cell, "batch_size", 64, 256, "hessian/lambda_1", "ratio", vd.Thresholds())
     assert out["verdict"] == "untestable"
