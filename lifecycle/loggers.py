@@ -13,7 +13,6 @@ gets its final summary from the record and is finished before the next job of a 
 from __future__ import annotations
 
 import csv
-import netrc
 import os
 import sys
 import time
@@ -31,22 +30,8 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from lifecycle import wandb_run
 from lifecycle.record import FINISHED, RECORD, is_per_step, modify_record, plain, read_record, unconverged
+from lifecycle.wandb_env import wandb_has_credentials, wandb_mode  # noqa: F401  (re-exported)
 from lifecycle.wandb_run import EPOCH, History, apply
-
-
-def wandb_has_credentials() -> bool:
-    """An API key in the environment or in ``~/.netrc``."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
-
-
-def wandb_mode() -> str | None:
-    """``"offline"`` when W&B would otherwise fail or hang (no mode set, no credentials), else None."""
-    return None if os.environ.get("WANDB_MODE") or wandb_has_credentials() else "offline"
 
 
 class WandbLogger(_LightningWandbLogger):

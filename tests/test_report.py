@@ -1,4 +1,5 @@
-"""report.py on synthetic records (no training): convergence, eos_ratio, verdicts, worst-case gap."""
+"""The report (``report.py``, :mod:`reporting`) on synthetic records (no training): convergence,
+eos_ratio, verdicts, worst-case gap."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pandas as pd
 import pytest
 
 import report
+from reporting import figures, pipeline, runs
+from reporting import verdicts as vd
 
 
 def record(
@@ -47,6 +50,8 @@ def record(
             "callbacks": {"training_target": {"target_train_acc": target, "target_train_loss": None}},
         },
         "final": final,
+        "identity": {"training": {}, "measurement": {}, "code": "synthetic"},  # a finished record has these
+        "wall_time_s": 1.0,
     }
 
 
@@ -58,7 +63,7 @@ def write(sweep, recs):
 
 
 def frame(recs, **kw):
-    return report.tidy([r | {"job": f"job{i}", "dir": "."} for i, r in enumerate(recs)], **kw)
+    return runs.tidy([r | {"job": f"job{i}", "dir": "."} for i, r in enumerate(recs)], **kw)
 
 
 def test_reached_target_eos_ratio_and_lr_limited_by_hand():
@@ -74,7 +79,7 @@ def test_reached_target_eos_ratio_and_lr_limited_by_hand():
     )
     assert df["reached_target"].tolist()[:3] == [True, True, False]
     assert pd.isna(df["reached_target"].iloc[3]) and pd.isna(df["target"].iloc[3])  # no target: empty
-    assert report.at_target(df).tolist() == [True, True, False, True, True]
+    assert runs.at_target(df).tolist() == [True, True, False, True, True]
     assert df["target"].tolist()[:3] == ["train acc >= 0.97"] * 3
     assert df["eos_ratio"].iloc[0] == pytest.approx(300 * 0.01 / (2 * 1.9))
     assert df["eos_ratio"].iloc[4] == pytest.approx(100 * 1e-4 * 256 / 2)
@@ -111,7 +116,7 @@ def verdict(table, kind, metric, **where):
 
 
 def test_batch_size_verdicts_rise_flat_fall_mixed_and_accuracies_in_points():
-    table, notes = report.verdicts(frame(trend_records()))
+    table, notes = vd.verdicts(frame(trend_records()))
     got = {
         (r, m): (verdict(table, "batch_size", "lambda_1", lr_rule=r, momentum=m)["verdict"],
                  verdict(table, "batch_size", "test_acc", lr_rule=r, momentum=m)["verdict"])
@@ -134,16 +139,16 @@ def test_batch_size_verdicts_rise_flat_fall_mixed_and_accuracies_in_points():
 
 def test_a_ratio_on_the_threshold_rises_and_thresholds_are_options():
     recs = [record(b, s, lam, 0.9) for s in (0, 1) for b, lam in ((32, 10.0), (512, 15.0))]
-    table, _ = report.verdicts(frame(recs))
+    table, _ = vd.verdicts(frame(recs))
     assert verdict(table, "batch_size", "lambda_1")["verdict"] == "rises"  # r = 1.5 exactly
-    table, _ = report.verdicts(frame(recs), report.Thresholds(ratio=2.0))
+    table, _ = vd.verdicts(frame(recs), vd.Thresholds(ratio=2.0))
     assert verdict(table, "batch_size", "lambda_1")["verdict"] == "flat"
 
 
 def test_a_capped_run_is_marked_left_out_of_means_and_verdicts_and_listed(tmp_path):
     capped = {("fixed", 0.9, 512, 1)}  # seed 1 at B=512 stopped at its epoch cap
     sweep = write(tmp_path / "sweep", trend_records(capped))
-    df, notes = report.report(sweep, tmp_path / "out")
+    df, notes = pipeline.report(sweep, tmp_path / "out")
     csv = pd.read_csv(tmp_path / "out" / "runs.csv")
     assert (~csv["reached_target"]).sum() == 1 and "eos_ratio" in csv and "lr_limited" in csv
     short = pd.read_csv(tmp_path / "out" / "not_at_target.csv")
@@ -161,7 +166,7 @@ def test_a_capped_run_is_marked_left_out_of_means_and_verdicts_and_listed(tmp_pa
     assert "seed 0: 10 -> 20 (x2)" in md and "max_epochs" in md
 
     fig, ax = plt.subplots()  # the figure: the mean of B=512 is seed 0's λ1 only, seed 1 a hollow square
-    report._plot_vs_batch(ax, df[df["status"] == "completed"], "hessian/lambda_1", "λ1", threshold=True)
+    figures.plot_vs_batch(ax, df[df["status"] == "completed"], "hessian/lambda_1", "λ1", threshold=True)
     lines = {line.get_label(): line for line in ax.lines}
     label = "lr_rule=fixed, momentum=0.9"
     (mean,) = [c.lines[0] for c in ax.containers if c.get_label() == label]  # the errorbar's line
@@ -186,7 +191,7 @@ def test_momentum_and_training_verdicts_per_batch_size_and_seed():
     for seed in (0, 1):  # B=128: seed 1 without momentum stopped at its cap
         stop = "max_steps" if seed else "target_train_acc"
         recs += [record(128, seed, 10.0, 0.9, momentum=0.0, stop=stop), record(128, seed, 10.0, 0.9)]
-    table, _ = report.verdicts(frame(recs))
+    table, _ = vd.verdicts(frame(recs))
     acc = verdict(table, "momentum", "test_acc", batch_size=32)
     assert (acc["verdict"], acc["compared"], acc["values"]) == ("rises", "β=0.9 vs β=0", "5, 3")
     assert verdict(table, "momentum", "lambda_1", batch_size=32)["verdict"] == "flat"
@@ -199,29 +204,29 @@ def test_momentum_and_training_verdicts_per_batch_size_and_seed():
     assert (
         adv["per_seed"] == "seed 0: 20 -> 5 (x0.25); seed 1: 30 -> 10 (x0.333)" and adv["expected"] == "falls"
     )
-    table, _ = report.verdicts(frame(recs), report.Thresholds(momenta=(0.0, 0.5)))
+    table, _ = vd.verdicts(frame(recs), vd.Thresholds(momenta=(0.0, 0.5)))
     assert "momentum" not in set(table["kind"])  # no run has momentum 0.5
 
 
 def test_robust_accuracy_prefers_autoattack_then_worst_then_pgd_at_the_chosen_eps():
     df = pd.DataFrame(columns=["adv/pgd_linf/eps0.1", "adv/worst_linf/eps0.1", "adv/autoattack_linf/eps0.05"])
-    assert report.robust_column(df, 0.1) == ("adv/worst_linf/eps0.1", "")
-    assert report.robust_column(df, 0.05) == ("adv/autoattack_linf/eps0.05", "")
-    col, why = report.robust_column(df, 0.3)
+    assert vd.robust_column(df, 0.1) == ("adv/worst_linf/eps0.1", "")
+    assert vd.robust_column(df, 0.05) == ("adv/autoattack_linf/eps0.05", "")
+    col, why = vd.robust_column(df, 0.3)
     assert col is None and "pgd_linf: eps 0.1" in why and "autoattack_linf: eps 0.05" in why
     recs = [
         record(b, s, 10.0, 0.9, adv={"adv/pgd_linf/eps0.1": pgd, "adv/autoattack_linf/eps0.1": aa})
         for s in (0, 1)
         for b, pgd, aa in ((32, 0.80, 0.70), (512, 0.75, 0.60))  # autoattack: -10 points; pgd: -5
     ]
-    table, _ = report.verdicts(frame(recs))
+    table, _ = vd.verdicts(frame(recs))
     row = verdict(table, "batch_size", "robust_acc")
     assert (row["column"], row["verdict"], row["values"]) == (
         "adv/autoattack_linf/eps0.1",
         "falls",
         "-10, -10",
     )
-    table, _ = report.verdicts(frame(recs), report.Thresholds(points=10.5))
+    table, _ = vd.verdicts(frame(recs), vd.Thresholds(points=10.5))
     assert verdict(table, "batch_size", "robust_acc")["verdict"] == "flat"
 
 
@@ -233,7 +238,7 @@ def test_worst_case_gap_per_eps_mean_and_max_and_skipped_without_autoattack():
          "adv/pgd_linf/eps0.2": 0.20, "adv/autoattack_linf/eps0.2": 0.20},
     ]  # fmt: skip
     df = frame([record(32, s, 10.0, 0.9, adv=a) for s, a in enumerate(adv)])
-    gap = report.worst_case_gap(df).set_index("eps")
+    gap = vd.worst_case_gap(df).set_index("eps")
     assert gap.loc[0.1, "gap_mean_points"] == pytest.approx(4.0) and gap.loc[
         0.1, "gap_max_points"
     ] == pytest.approx(6)
@@ -242,7 +247,7 @@ def test_worst_case_gap_per_eps_mean_and_max_and_skipped_without_autoattack():
     ] == pytest.approx(10)
     assert gap.loc[0.1, "gap_max_job"] == "job1" and gap.loc[0.2, "gap_max_job"] == "job0"
     assert list(gap["n_runs"]) == [2, 2]
-    assert report.worst_case_gap(frame([record(32, 0, 10.0, 0.9, adv={"adv/pgd_linf/eps0.1": 0.8})])) is None
+    assert vd.worst_case_gap(frame([record(32, 0, 10.0, 0.9, adv={"adv/pgd_linf/eps0.1": 0.8})])) is None
 
 
 def test_cli_thresholds_are_used_and_recorded_in_verdicts_md(tmp_path, capsys):
@@ -291,21 +296,19 @@ def test_a_cell_with_no_run_at_target_is_untestable_not_an_error():
             "hessian/lambda_1": [10.0, 30.0],
         }
     )
-    out = report.compare(cell, "batch_size", 64, 256, "hessian/lambda_1", "ratio", report.Thresholds())
+    out = vd.compare(cell, "batch_size", 64, 256, "hessian/lambda_1", "ratio", vd.Thresholds())
     assert out["verdict"] == "untestable"
     reached = cell.assign(reached_target=True, seed=[0, 0])
     two = pd.concat(
         [reached, reached.assign(seed=1, **{"hessian/lambda_1": [10.0, 40.0]})], ignore_index=True
     )
     assert (
-        report.compare(two, "batch_size", 64, 256, "hessian/lambda_1", "ratio", report.Thresholds())[
-            "verdict"
-        ]
+        vd.compare(two, "batch_size", 64, 256, "hessian/lambda_1", "ratio", vd.Thresholds())["verdict"]
         == "rises"
     )
 
 
 def test_a_metric_no_run_logged_is_untestable_not_an_error():
     cell = pd.DataFrame({"batch_size": [64, 256], "seed": [0, 0], "status": ["completed"] * 2})
-    out = report.compare(cell, "batch_size", 64, 256, "hessian/lambda_1", "ratio", report.Thresholds())
+    out = vd.compare(cell, "batch_size", 64, 256, "hessian/lambda_1", "ratio", vd.Thresholds())
     assert out["verdict"] == "untestable"
