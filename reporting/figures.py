@@ -191,6 +191,37 @@ def figure_robust_training(df, out):
     save(fig, out / "natural_vs_robust.png")
 
 
+def figure_input_curvature(df, out):
+    """Input λ_max (the examples' mean top eigenvalue of the loss's input Hessian) against robust
+    accuracy, one point per run: a colour per activation, a marker per batch size, one panel per
+    point set (clean, PGD). Values that do not count (short of target, unconverged) are hollow."""
+    sets = sorted(c.split("/")[1] for c in df.columns if c.startswith("input/") and c.endswith("/top_mean"))
+    attacks = adv_columns(df)
+    if not sets or not attacks:
+        return
+    attack, cols = sorted(attacks.items())[-1]
+    eps, robust = next(((e, c) for e, c in cols if e > 0), cols[-1])
+    colors = {a: f"C{i}" for i, a in enumerate(sorted(df["activation"].dropna().unique()))}
+    markers = dict(zip(sorted(df["batch_size"].dropna().unique()), "osD^v<>p*", strict=False))
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], sets, strict=True):
+        col = f"input/{name}/top_mean"
+        ok = counted(df, col)
+        for (act, b), part in df.groupby(["activation", "batch_size"]):
+            for filled, sel in ((True, ok), (False, ~ok)):
+                p = part[sel.loc[part.index]]
+                if len(p):
+                    ax.scatter(p[col], p[robust], marker=markers.get(b, "o"), s=40,
+                               facecolors=colors[act] if filled else "none", edgecolors=colors[act],
+                               label=f"{act}, B={b:g}" if filled else None)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel(f"mean top eigenvalue of the input Hessian ({name})")
+        ax.set_ylabel(f"robust accuracy ({attack}, eps {eps:g})")
+        ax.set_title(f"input curvature at {name} points")
+    legend(axes[0][0], fontsize=8)
+    save(fig, out / "input_curvature.png")
+
+
 def figure_run(run: dict, out: Path):
     """One run's curves over epochs: λ1 with its 2(1+β)/lr line, train/test accuracy, robust accuracy."""
     by_epoch: dict[int, dict] = {}
@@ -263,6 +294,7 @@ def draw_all(good: pd.DataFrame, runs: list[dict], out: Path) -> None:
     figure_robust(good, out)
     figure_momentum(good, out)
     figure_robust_training(good, out)
+    figure_input_curvature(good, out)
     for r in runs:
         if r.get("status") == "completed":
             figure_run(r, out)

@@ -155,6 +155,8 @@ def tidy(runs: list[dict], eos_threshold: float = EOS_THRESHOLD) -> pd.DataFrame
             "reached_target": reached_target(r),
             "target": training_target(r),
             "model": str(_dict(cfg.get("model")).get("_target_", "")).rsplit(".", 1)[-1],
+            # models made before the option had ReLU everywhere
+            "activation": _dict(cfg.get("model")).get("activation", "relu"),
             "data": _dict(cfg.get("data")).get("name"),
             "batch_size": opt.get("batch_size"),
             "lr_rule": opt.get("lr_rule"),

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from reporting.runs import NOT_AT_TARGET, at_target
-from reporting.verdicts import batch_size, momentum, training
+from reporting.verdicts import batch_size, momentum, saddle_free, training
 from reporting.verdicts.base import (
     COLUMNS,
     ROBUST_ATTACKS,
@@ -39,7 +39,7 @@ __all__ = [
     "write_verdicts",
 ]
 
-STUDIES = (batch_size, momentum, training)
+STUDIES = (batch_size, momentum, training, saddle_free)
 
 
 def verdicts(df: pd.DataFrame, th: Thresholds | None = None) -> tuple[pd.DataFrame, list[str]]:
@@ -86,11 +86,21 @@ def write_verdicts(df, table, gap, notes, th: Thresholds, out: Path) -> None:
         f"eos_ratio = λ1·lr/(2(1+β)) >= {th.eos:g}.",
         "",
         "Only completed runs that reached their training target (or had none) count. *expected* is "
-        "STUDY.md's trend (natural training). Per seed: the value at the first point -> at the second "
+        "the papers' trend (natural training; docs/study.md). Per seed: the value at the first point -> at the second "
         "(accuracies in %), and the ratio or the difference judged.",
         "",
     ]
-    cols = ["metric", "lr_rule", "momentum", "training", "batch_size", "compared", "verdict", "expected"]
+    cols = [
+        "metric",
+        "lr_rule",
+        "momentum",
+        "training",
+        "activation",
+        "batch_size",
+        "compared",
+        "verdict",
+        "expected",
+    ]
     cols += ["per_seed", "reason"]
     for study in STUDIES:
         part = table[table["kind"] == study.KIND] if len(table) else table

@@ -19,6 +19,7 @@ ROBUST_ATTACKS = ("autoattack_linf", "worst_linf", "pgd_linf")  # the robust acc
 VERDICTS = ("rises", "falls", "flat", "mixed", "untestable")
 COLUMNS = ["kind", "metric", "lr_rule", "momentum", "training", "batch_size", "compared", "verdict"]
 COLUMNS += ["expected", "measure", "n_seeds", "values", "per_seed", "seeds_at_target", "reason", "column"]
+COLUMNS += ["activation"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pandas as pd
 from reporting.verdicts.base import BASE_METRICS, Thresholds, cells, compare, completed, robust_column
 
 KIND = "batch_size"
-EXPECTED = {  # STUDY.md's trends, natural training: (metric, lr rule) -> verdict vs batch size
+EXPECTED = {  # the papers' trends (docs/study.md), natural training: (metric, lr rule) -> verdict vs batch size
     ("lambda_1", "fixed"): "rises",
     ("lambda_1", "ratio"): "flat",
     ("test_acc", "fixed"): "falls",
