@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from measures.module_state import autograd_input, gradients_enabled, preserved_module_state
-from measures.noise import sample_normal, sample_uniform
+from measures.names import NORMS
+from measures.noise import generator_start, sample_normal, sample_uniform
 
-APGD_NORMS = ("linf", "l2")
 MOMENTUM = 0.75  # the paper's alpha: weight of the new step (the first step has none)
 DIVISION_EPS = 1e-12  # the reference code's guard in normalizations and the DLR denominator
 _START_STREAM = 16  # noise streams of APGD's per-sample starts: 16 + 2·run (+1); PGD uses 0-3
@@ -117,14 +117,10 @@ def apgd_unit_start(x: torch.Tensor, idx: torch.Tensor, seed: int, norm: str, ru
     return _unit_direction(t.view(x.shape), norm)
 
 
-def _generator_start(
-    x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None
-) -> torch.Tensor:
-    if generator is None:
-        generator = torch.Generator(device=x.device).manual_seed(0)
-    kw = {"generator": generator, "device": generator.device, "dtype": x.dtype}
-    t = torch.rand(x.shape, **kw) * 2 - 1 if norm == "linf" else torch.randn(x.shape, **kw)
-    return (x + eps * _unit_direction(t.to(x.device), norm)).clamp(0, 1)
+def _reference_unit(norm: str):
+    """APGD's start direction out of ``generator_start``'s draw, as the reference makes it (as
+    :func:`apgd_unit_start`: the uniform draw over its largest entry, or the normal one normalized)."""
+    return lambda t, uniform: _unit_direction(t, norm)
 
 
 def _project(x_new: torch.Tensor, x: torch.Tensor, eps: float, norm: str, guard: bool) -> torch.Tensor:
@@ -323,8 +319,8 @@ def apgd_single_run(
 
 
 def _check(norm: str, n_iter: int) -> None:
-    if norm not in APGD_NORMS:
-        raise ValueError(f"norm must be one of {APGD_NORMS}, got {norm!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if int(n_iter) != n_iter or n_iter < 1:
         raise ValueError(f"n_iter must be an integer >= 1, got {n_iter!r}")
 
@@ -361,7 +357,11 @@ def apgd(
     _check(norm, n_iter)
     with gradients_enabled(), preserved_module_state(model):
         x, y = autograd_input(x), autograd_input(y)
-        start = _generator_start(x, eps, norm, generator) if x_init is None else autograd_input(x_init)
+        start = (
+            generator_start(x, eps, norm, generator, _reference_unit(norm))
+            if x_init is None
+            else autograd_input(x_init)
+        )
         adv = x.clone()
         with torch.no_grad():
             rows = (model(x).argmax(dim=1) == y).nonzero().squeeze(1)
@@ -405,7 +405,7 @@ def apgd_targeted(
         adv = x.clone()
         for j in range(n_targets):
             if x_init is None:
-                start = _generator_start(x, eps, norm, generator)
+                start = generator_start(x, eps, norm, generator, _reference_unit(norm))
             else:
                 start = autograd_input(x_init[j] if x_init.dim() == x.dim() + 1 else x_init)
             rows = robust.nonzero().squeeze(1)
