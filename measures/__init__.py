@@ -1,7 +1,10 @@
 """The measurement library: pure torch, no Lightning, Hydra or W&B.
 
-- :mod:`measures.linalg`: Lanczos, power iteration, Hutchinson trace and spectral density on any
-  symmetric linear operator (:class:`~measures.linalg.LinearOperator`);
+- :mod:`measures.operators`: the symmetric linear operator the solvers see
+  (:class:`~measures.operators.LinearOperator`, a plain matrix as one) and the Lanczos process;
+- :mod:`measures.linalg`: extreme eigenvalues by Lanczos (:func:`~measures.linalg.lanczos_eigenvalues`),
+  with its stop, warm start and progress;
+- :mod:`measures.estimators`: power iteration, Hutchinson trace and spectral density (SLQ);
 - :mod:`measures.hessian`: the exact Hessian of a model's loss as such an operator, and the
   one-call :func:`~measures.hessian.hessian_eigenvalues`, :func:`~measures.hessian.hessian_trace`,
   :func:`~measures.hessian.hessian_density`;

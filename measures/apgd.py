@@ -305,17 +305,8 @@ def apgd_single_run(
         y_target = None if y_target is None else autograd_input(y_target)
         start = autograd_input(x_init).clamp(0, 1)
         return _apgd_run(
-            model,
-            x,
-            y,
-            start,
-            eps,
-            norm=norm,
-            n_iter=n_iter,
-            rho=rho,
-            y_target=y_target,
-            early_exit=early_exit,
-        )
+            model, x, y, start, eps, norm=norm, n_iter=n_iter, rho=rho, y_target=y_target, early_exit=early_exit,
+        )  # fmt: skip
 
 
 def _check(norm: str, n_iter: int) -> None:
@@ -364,13 +355,10 @@ def apgd(
         )
         adv = x.clone()
         with torch.no_grad():
-            rows = (model(x).argmax(dim=1) == y).nonzero().squeeze(1)
-        if len(rows):
-            run = _apgd_run(
-                model, x[rows], y[rows], start[rows].clamp(0, 1), eps, norm=norm, n_iter=n_iter, rho=rho,
-                y_target=None, early_exit=False,
-            )  # fmt: skip
-            adv[rows[~run.robust]] = run.x_fooled[~run.robust]
+            robust = model(x).argmax(dim=1) == y
+        _attack_robust(
+            model, x, y, start, eps, robust, adv, norm=norm, n_iter=n_iter, rho=rho, target_rank=None
+        )
         return adv
 
 
@@ -408,19 +396,45 @@ def apgd_targeted(
                 start = generator_start(x, eps, norm, generator, _reference_unit(norm))
             else:
                 start = autograd_input(x_init[j] if x_init.dim() == x.dim() + 1 else x_init)
-            rows = robust.nonzero().squeeze(1)
-            if len(rows) == 0:
+            if not bool(robust.any()):
                 break
-            with torch.no_grad():  # the target ranks, from the clean logits of the samples attacked
-                y_target = model(x[rows]).sort(dim=1)[1][:, -(j + 2)]
-            run = _apgd_run(
-                model, x[rows], y[rows], start[rows].clamp(0, 1), eps, norm=norm, n_iter=n_iter, rho=rho,
-                y_target=y_target, early_exit=False,
-            )  # fmt: skip
-            broken = rows[~run.robust]
-            robust[broken] = False
-            adv[broken] = run.x_fooled[~run.robust]
+            _attack_robust(
+                model, x, y, start, eps, robust, adv, norm=norm, n_iter=n_iter, rho=rho, target_rank=j + 2
+            )
         return adv
+
+
+def _attack_robust(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    start: torch.Tensor,
+    eps: float,
+    robust: torch.Tensor,
+    adv: torch.Tensor,
+    *,
+    norm: str,
+    n_iter: int,
+    rho: float,
+    target_rank: int | None,
+) -> None:
+    """One full run (as torchattacks') on the samples still ``robust``, from ``start``: each one it
+    fools leaves ``robust`` and gets its last fooled iterate in ``adv`` (both in place). Cross-entropy,
+    or (``target_rank`` r) the targeted DLR loss towards the r-th largest clean logit."""
+    rows = robust.nonzero().squeeze(1)
+    if len(rows) == 0:
+        return
+    y_target = None
+    if target_rank is not None:
+        with torch.no_grad():  # the target ranks, from the clean logits of the samples attacked
+            y_target = model(x[rows]).sort(dim=1)[1][:, -target_rank]
+    run = _apgd_run(
+        model, x[rows], y[rows], start[rows].clamp(0, 1), eps, norm=norm, n_iter=n_iter, rho=rho,
+        y_target=y_target, early_exit=False,
+    )  # fmt: skip
+    broken = rows[~run.robust]
+    robust[broken] = False
+    adv[broken] = run.x_fooled[~run.robust]
 
 
 def apgd_robust(
