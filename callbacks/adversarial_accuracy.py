@@ -13,7 +13,6 @@ from callbacks.epoch_measurement import EpochEndMeasurement, stopping_after_this
 from lightning_modules.config import check
 from lightning_modules.module import log_rank_identical
 from measures.attacks import (
-    ATTACKS,
     AttackSpec,
     AttackWork,
     autoattack_keys,
@@ -23,7 +22,7 @@ from measures.attacks import (
 from measures.batches import load_rank_subset, split_batches
 from measures.checks import gradient_masking_warnings
 from measures.module_state import preserved_module_state
-from measures.names import NORMS
+from measures.names import ATTACKS, NORMS
 
 
 class AdversarialAccuracy(EpochEndMeasurement):
