@@ -33,8 +33,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from machine import cpu_model  # benchmarks/machine.py (scripts run from benchmarks/)
 
-from measures.attacks import AttackSpec, AttackWork, fgsm, pgd, robust_accuracy_counts  # noqa: E402
+from measures.attacks import AttackSpec, AttackWork, robust_accuracy_counts  # noqa: E402
 from measures.batches import split_batches  # noqa: E402
+from measures.pgd import fgsm, pgd  # noqa: E402
 
 
 def lenet() -> nn.Module:

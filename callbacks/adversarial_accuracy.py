@@ -10,10 +10,9 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from callbacks.epoch_measurement import EpochEndMeasurement, stopping_after_this_epoch
-from lightning_modules.config import NORMS, check
+from lightning_modules.config import check
 from lightning_modules.module import log_rank_identical
 from measures.attacks import (
-    ATTACKS,
     AttackSpec,
     AttackWork,
     autoattack_keys,
@@ -23,6 +22,7 @@ from measures.attacks import (
 from measures.batches import load_rank_subset, split_batches
 from measures.checks import gradient_masking_warnings
 from measures.module_state import preserved_module_state
+from measures.names import ATTACKS, NORMS
 
 
 class AdversarialAccuracy(EpochEndMeasurement):

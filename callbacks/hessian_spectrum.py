@@ -14,12 +14,12 @@ from torch import nn
 from callbacks.epoch_measurement import EpochEndMeasurement
 from lightning_modules.config import BN_MODES, ConfigError, check
 from measures.batches import load_rank_subset, split_batches
+from measures.estimators import hutchinson_trace
 from measures.hessian import HessianOperator
 from measures.linalg import (
     STOPS,
     LanczosProgress,
     ProgressLines,
-    hutchinson_trace,
     lanczos_eigenvalues,
     warm_start_vector,
 )

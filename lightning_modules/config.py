@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from measures.names import NORMS, TRAINING_ATTACKS  # torch-free: the attacks that make training examples
+
 LR_RULES = ("fixed", "ratio")
 SCHEDULES = ("constant", "step", "cosine")
-ATTACKS = ("fgsm", "pgd")
-NORMS = ("linf", "l2")
 BN_MODES = ("eval", "train")
 
 
@@ -150,7 +150,9 @@ class AdversarialTraining:
     def __post_init__(self) -> None:
         if not self.enabled:
             return
-        check(self.attack in ATTACKS, "attack", self.attack, f"allowed: {', '.join(ATTACKS)}")
+        check(
+            self.attack in TRAINING_ATTACKS, "attack", self.attack, f"allowed: {', '.join(TRAINING_ATTACKS)}"
+        )
         check(self.norm in NORMS, "norm", self.norm, f"allowed: {', '.join(NORMS)}")
         check(_number(self.eps) and self.eps >= 0, "eps", self.eps, "must be >= 0")
         check(0 <= self.fraction <= 1, "fraction", self.fraction, "must be in [0, 1]")

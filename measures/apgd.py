@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from measures.module_state import autograd_input, gradients_enabled, preserved_module_state
-from measures.noise import sample_normal, sample_uniform
+from measures.names import NORMS
+from measures.noise import generator_start, sample_normal, sample_uniform
 
-APGD_NORMS = ("linf", "l2")
 MOMENTUM = 0.75  # the paper's alpha: weight of the new step (the first step has none)
 DIVISION_EPS = 1e-12  # the reference code's guard in normalizations and the DLR denominator
 _START_STREAM = 16  # noise streams of APGD's per-sample starts: 16 + 2·run (+1); PGD uses 0-3
@@ -117,14 +117,10 @@ def apgd_unit_start(x: torch.Tensor, idx: torch.Tensor, seed: int, norm: str, ru
     return _unit_direction(t.view(x.shape), norm)
 
 
-def _generator_start(
-    x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None
-) -> torch.Tensor:
-    if generator is None:
-        generator = torch.Generator(device=x.device).manual_seed(0)
-    kw = {"generator": generator, "device": generator.device, "dtype": x.dtype}
-    t = torch.rand(x.shape, **kw) * 2 - 1 if norm == "linf" else torch.randn(x.shape, **kw)
-    return (x + eps * _unit_direction(t.to(x.device), norm)).clamp(0, 1)
+def _reference_unit(norm: str):
+    """APGD's start direction out of ``generator_start``'s draw, as the reference makes it (as
+    :func:`apgd_unit_start`: the uniform draw over its largest entry, or the normal one normalized)."""
+    return lambda t, uniform: _unit_direction(t, norm)
 
 
 def _project(x_new: torch.Tensor, x: torch.Tensor, eps: float, norm: str, guard: bool) -> torch.Tensor:
@@ -309,22 +305,13 @@ def apgd_single_run(
         y_target = None if y_target is None else autograd_input(y_target)
         start = autograd_input(x_init).clamp(0, 1)
         return _apgd_run(
-            model,
-            x,
-            y,
-            start,
-            eps,
-            norm=norm,
-            n_iter=n_iter,
-            rho=rho,
-            y_target=y_target,
-            early_exit=early_exit,
-        )
+            model, x, y, start, eps, norm=norm, n_iter=n_iter, rho=rho, y_target=y_target, early_exit=early_exit,
+        )  # fmt: skip
 
 
 def _check(norm: str, n_iter: int) -> None:
-    if norm not in APGD_NORMS:
-        raise ValueError(f"norm must be one of {APGD_NORMS}, got {norm!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if int(n_iter) != n_iter or n_iter < 1:
         raise ValueError(f"n_iter must be an integer >= 1, got {n_iter!r}")
 
@@ -361,16 +348,17 @@ def apgd(
     _check(norm, n_iter)
     with gradients_enabled(), preserved_module_state(model):
         x, y = autograd_input(x), autograd_input(y)
-        start = _generator_start(x, eps, norm, generator) if x_init is None else autograd_input(x_init)
+        start = (
+            generator_start(x, eps, norm, generator, _reference_unit(norm))
+            if x_init is None
+            else autograd_input(x_init)
+        )
         adv = x.clone()
         with torch.no_grad():
-            rows = (model(x).argmax(dim=1) == y).nonzero().squeeze(1)
-        if len(rows):
-            run = _apgd_run(
-                model, x[rows], y[rows], start[rows].clamp(0, 1), eps, norm=norm, n_iter=n_iter, rho=rho,
-                y_target=None, early_exit=False,
-            )  # fmt: skip
-            adv[rows[~run.robust]] = run.x_fooled[~run.robust]
+            robust = model(x).argmax(dim=1) == y
+        _attack_robust(
+            model, x, y, start, eps, robust, adv, norm=norm, n_iter=n_iter, rho=rho, target_rank=None
+        )
         return adv
 
 
@@ -405,22 +393,48 @@ def apgd_targeted(
         adv = x.clone()
         for j in range(n_targets):
             if x_init is None:
-                start = _generator_start(x, eps, norm, generator)
+                start = generator_start(x, eps, norm, generator, _reference_unit(norm))
             else:
                 start = autograd_input(x_init[j] if x_init.dim() == x.dim() + 1 else x_init)
-            rows = robust.nonzero().squeeze(1)
-            if len(rows) == 0:
+            if not bool(robust.any()):
                 break
-            with torch.no_grad():  # the target ranks, from the clean logits of the samples attacked
-                y_target = model(x[rows]).sort(dim=1)[1][:, -(j + 2)]
-            run = _apgd_run(
-                model, x[rows], y[rows], start[rows].clamp(0, 1), eps, norm=norm, n_iter=n_iter, rho=rho,
-                y_target=y_target, early_exit=False,
-            )  # fmt: skip
-            broken = rows[~run.robust]
-            robust[broken] = False
-            adv[broken] = run.x_fooled[~run.robust]
+            _attack_robust(
+                model, x, y, start, eps, robust, adv, norm=norm, n_iter=n_iter, rho=rho, target_rank=j + 2
+            )
         return adv
+
+
+def _attack_robust(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    start: torch.Tensor,
+    eps: float,
+    robust: torch.Tensor,
+    adv: torch.Tensor,
+    *,
+    norm: str,
+    n_iter: int,
+    rho: float,
+    target_rank: int | None,
+) -> None:
+    """One full run (as torchattacks') on the samples still ``robust``, from ``start``: each one it
+    fools leaves ``robust`` and gets its last fooled iterate in ``adv`` (both in place). Cross-entropy,
+    or (``target_rank`` r) the targeted DLR loss towards the r-th largest clean logit."""
+    rows = robust.nonzero().squeeze(1)
+    if len(rows) == 0:
+        return
+    y_target = None
+    if target_rank is not None:
+        with torch.no_grad():  # the target ranks, from the clean logits of the samples attacked
+            y_target = model(x[rows]).sort(dim=1)[1][:, -target_rank]
+    run = _apgd_run(
+        model, x[rows], y[rows], start[rows].clamp(0, 1), eps, norm=norm, n_iter=n_iter, rho=rho,
+        y_target=y_target, early_exit=False,
+    )  # fmt: skip
+    broken = rows[~run.robust]
+    robust[broken] = False
+    adv[broken] = run.x_fooled[~run.robust]
 
 
 def apgd_robust(

@@ -1,15 +1,16 @@
-"""Adversarial attacks (FGSM, PGD L∞/L2) and robust-accuracy counting, in plain torch.
+"""Attack specs, adversarial training examples and robust-accuracy counting, in plain torch.
 
-Pure torch (no Lightning): the attack callback and adversarial training import from here; the
-sanity checks on the resulting counts are in :mod:`measures.checks`. AutoAttack's APGD-CE and
-APGD-T are in :mod:`measures.apgd` and counted here too (``AttackSpec("apgdce" | "apgdt", ...)``).
+Pure torch (no Lightning): the attack callback and adversarial training import from here. The
+attacks themselves are in :mod:`measures.pgd` (FGSM, PGD L∞/L2) and :mod:`measures.apgd`
+(AutoAttack's APGD-CE and APGD-T, ``AttackSpec("apgdce" | "apgdt", ...)``); the sanity checks on
+the resulting counts are in :mod:`measures.checks`, the attacks' names in :mod:`measures.names`.
 
-Conventions
------------
+Conventions (of every attack in :mod:`measures`)
+------------------------------------------------
 * Inputs live in [0, 1] pixel space and stay there (every iterate is clamped); the model
   takes such inputs and returns logits; the attack loss is cross-entropy.
 * Gradients are taken with respect to the input only (``torch.autograd.grad``), never with
-  ``.backward()``. After any function here returns, the model's train/eval flags, the
+  ``.backward()``. After any public function returns, the model's train/eval flags, the
   parameters' ``.grad``, every buffer (BatchNorm running statistics) and the global RNG
   state are exactly as before (``preserved_module_state``).
 * Nothing here changes the model's mode: the caller decides. torchattacks switches the
@@ -25,14 +26,6 @@ Conventions
 * Robust accuracy over an eps grid is nested by default: a sample broken at some eps counts as
   broken at every larger eps of the same attack, and the larger eps attack only the samples
   still robust (``robust_accuracy_counts(nested=...)``).
-
-Agreement with torchattacks 3.5.1 (``FGSM``, ``PGD``, ``PGDL2``; random start off): same
-steps, projection order and clamping; the step differs only where it does not matter.
-The loss here is summed over the batch (torchattacks averages it), so each sample's
-gradient does not depend on the batch size: the sign (L∞) is unchanged, and the L2 step
-``g / (||g|| + 1e-10)`` differs only for gradients of norm ~1e-10 · batch size. The L∞
-projection is done as one clamp into ``[max(x - eps, 0), min(x + eps, 1)]``, which equals
-torchattacks' ``clamp(x + clamp(adv - x, -eps, eps), 0, 1)`` up to float rounding.
 """
 
 from __future__ import annotations
@@ -42,19 +35,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from measures.apgd import APGD_NORMS, apgd_robust
+from measures.apgd import apgd_robust
 from measures.distributed import ProcessGroup, all_reduce_sum
 from measures.module_state import autograd_input, gradients_enabled, preserved_module_state
-from measures.noise import sample_normal, sample_uniform
+from measures.names import APGD_ATTACKS, ATTACKS, NORMS, TRAINING_ATTACKS
+from measures.pgd import fgsm, input_gradient, per_sample_unit_start, pgd, pgd_fooled_at_any_iterate, pgd_from
 
-NORMS = ("linf", "l2")
-APGD_ATTACKS = ("apgdce", "apgdt")  # AutoAttack's APGD-CE and APGD-T (measures.apgd)
-ATTACKS = ("fgsm", "pgd", *APGD_ATTACKS)
 DEFAULT_STEPS = {"fgsm": 10, "pgd": 10, "apgdce": 100, "apgdt": 100}
-L2_DIVISION_EPS = 1e-10  # torchattacks' ``eps_for_division`` in the normalized L2 step
 
 
 # --------------------------------------------------------------------------- attack specs
@@ -92,10 +81,10 @@ class AttackSpec:
         if self.steps is None:  # the attack's own default (frozen dataclass: set once, here)
             object.__setattr__(self, "steps", DEFAULT_STEPS[self.name])
         if self.name in APGD_ATTACKS:
-            if self.norm not in APGD_NORMS or self.steps < 1 or self.step_size is not None:
+            if self.steps < 1 or self.step_size is not None:
                 raise ValueError(
-                    f"{self.name}: norm in {APGD_NORMS}, steps >= 1 and step_size None (APGD sets its "
-                    f"own), got norm={self.norm!r}, steps={self.steps!r}, step_size={self.step_size!r}"
+                    f"{self.name}: steps >= 1 and step_size None (APGD sets its own), "
+                    f"got steps={self.steps!r}, step_size={self.step_size!r}"
                 )
             if int(self.n_target_classes) != self.n_target_classes or self.n_target_classes < 1:
                 raise ValueError(f"n_target_classes must be an integer >= 1, got {self.n_target_classes!r}")
@@ -119,150 +108,7 @@ class AttackSpec:
         return 2.5 * self.eps / max(self.steps, 1)
 
 
-# --------------------------------------------------------------------------- primitives
-
-
-def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
-    p = next(model.parameters(), None)
-    return fallback if p is None else p.device
-
-
-def _input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """d/dx of the summed cross-entropy (so each row is that sample's own gradient)."""
-    x = x.detach().requires_grad_(True)
-    loss = F.cross_entropy(model(x), y, reduction="sum")
-    (grad,) = torch.autograd.grad(loss, x)
-    return grad
-
-
-def _flat_norm(t: torch.Tensor) -> torch.Tensor:
-    """Per-sample L2 norm, shaped to broadcast against ``t``."""
-    return t.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (t.dim() - 1)))
-
-
-def _linf_box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bounds of the L∞ ball around ``x`` intersected with [0, 1]."""
-    return (x - eps).clamp_(min=0), (x + eps).clamp_(max=1)
-
-
-def _pgd_step(
-    adv: torch.Tensor,
-    grad: torch.Tensor,
-    x: torch.Tensor,
-    eps: float,
-    alpha: float,
-    norm: str,
-    box: tuple[torch.Tensor, torch.Tensor] | None,
-) -> torch.Tensor:
-    """One ascent step followed by projection on the eps-ball and on [0, 1]."""
-    if norm == "linf":
-        return (adv + alpha * grad.sign()).clamp_(box[0], box[1])
-    grad = grad / (_flat_norm(grad) + L2_DIVISION_EPS)
-    delta = adv + alpha * grad - x
-    factor = torch.clamp(eps / _flat_norm(delta), max=1.0)  # eps / 0 = inf -> 1
-    return (x + delta * factor).clamp_(0, 1)
-
-
-def _generator_start(
-    x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Random start drawn from ``generator`` (as torchattacks draws it), clamped to [0, 1].
-
-    L∞: uniform in [-eps, eps] per pixel. L2: uniform direction, radius uniform in
-    [0, eps] (torchattacks' choice; not uniform in the ball).
-    """
-    if generator is None:
-        generator = torch.Generator(device=x.device).manual_seed(0)
-    kw = {"generator": generator, "device": generator.device, "dtype": x.dtype}
-    if norm == "linf":
-        delta = (torch.rand(x.shape, **kw) * 2 - 1) * eps
-    else:
-        delta = torch.randn(x.shape, **kw)
-        radius = torch.rand((len(x),) + (1,) * (x.dim() - 1), **kw)
-        delta = delta * radius / _flat_norm(delta) * eps
-    return (x + delta.to(x.device)).clamp_(0, 1)
-
-
-# --------------------------------------------------------------------------- per-sample noise
-
-
-def per_sample_unit_start(x: torch.Tensor, idx: torch.Tensor, seed: int, norm: str) -> torch.Tensor:
-    """Random-start perturbation for eps = 1, each sample's a function of (seed, idx) only.
-
-    L∞: uniform in [-1, 1] per pixel. L2: uniform direction (Box-Muller normals, normalized)
-    times a radius uniform in [0, 1], as torchattacks' ``PGDL2``. Multiply by eps to use.
-    """
-    n, d = len(x), x[0].numel()
-    if norm == "linf":
-        unit = sample_uniform(idx, seed, 0, d, x.dtype, x.device) * 2 - 1
-    else:
-        z = sample_normal(idx, seed, 1, d, x.dtype, x.device)  # streams 1 and 2
-        radius = sample_uniform(idx, seed, 3, 1, x.dtype, x.device)
-        unit = z / z.norm(dim=1, keepdim=True) * radius
-    return unit.view(n, *x.shape[1:])
-
-
-# --------------------------------------------------------------------------- attacks
-
-
-def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
-    """FGSM (Goodfellow et al.): ``clamp(x + eps · sign(∇x CE), 0, 1)``, detached.
-
-    Matches ``torchattacks.FGSM`` on the same model in the same mode. Leaves the model's
-    mode, ``.grad``, buffers and the global RNG as found; runs under no_grad/inference_mode.
-    """
-    with gradients_enabled(), preserved_module_state(model):
-        x, y = autograd_input(x), autograd_input(y)
-        grad = _input_gradient(model, x, y)
-        return (x + eps * grad.sign()).clamp_(0, 1).detach()
-
-
-def _pgd_from(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    start: torch.Tensor,
-    eps: float,
-    alpha: float,
-    steps: int,
-    norm: str,
-) -> torch.Tensor:
-    """``steps`` PGD iterations from ``start`` (no state handling; the callers do it)."""
-    box = _linf_box(x, eps) if norm == "linf" else None
-    adv = start
-    for _ in range(steps):
-        grad = _input_gradient(model, adv, y)
-        adv = _pgd_step(adv.detach(), grad, x, eps, alpha, norm, box)
-    return adv.detach()
-
-
-def pgd(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    eps: float,
-    step_size: float,
-    steps: int,
-    *,
-    norm: str = "linf",
-    random_start: bool = True,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Projected gradient descent (Madry et al.) in the L∞ or L2 ball, detached result.
-
-    Each step: ``adv += step_size · sign(g)`` (L∞) or ``step_size · g / (||g|| + 1e-10)``
-    (L2), then projection on the eps-ball around ``x`` and clamping to [0, 1]. The random
-    start is drawn from ``generator`` (a generator seeded with 0 when ``None``; the global
-    RNG is never used). With ``random_start=False`` it matches ``torchattacks.PGD`` /
-    ``torchattacks.PGDL2``. Leaves the model's mode, ``.grad``, buffers and the global RNG
-    as found; runs under no_grad/inference_mode.
-    """
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    with gradients_enabled(), preserved_module_state(model):
-        x, y = autograd_input(x), autograd_input(y)
-        start = _generator_start(x, eps, norm, generator) if random_start else x
-        return _pgd_from(model, x, y, start, eps, step_size, steps, norm)
+# --------------------------------------------------------------------------- adversarial training
 
 
 def adversarial_examples(
@@ -279,7 +125,7 @@ def adversarial_examples(
     statistics; its running statistics are left untouched by the attack). Pass a generator
     owned by the training loop so that each call gets fresh random starts.
     """
-    if spec.name in APGD_ATTACKS:
+    if spec.name not in TRAINING_ATTACKS:
         raise ValueError(f"{spec.name} is an evaluation attack, not one for adversarial training")
     if spec.eps == 0:
         return x.detach().clone()
@@ -363,61 +209,15 @@ def autoattack_keys(attacks: Sequence[AttackSpec]) -> dict[str, tuple[str, float
     }
 
 
+def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
+    p = next(model.parameters(), None)
+    return fallback if p is None else p.device
+
+
 @torch.no_grad()
 def _predict(model: nn.Module, x: torch.Tensor, work: AttackWork) -> torch.Tensor:
     work.forwards += len(x)
     return model(x).argmax(dim=1)
-
-
-def _pgd_broken_any_iterate(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    start: torch.Tensor,
-    eps: float,
-    alpha: float,
-    steps: int,
-    norm: str,
-    work: AttackWork,
-) -> torch.Tensor:
-    """Which samples are misclassified at ANY PGD iterate (start, step 1, ..., step ``steps``).
-
-    A sample leaves the batch as soon as one iterate fools the model; the others keep
-    iterating exactly as they would in the full batch (eval mode: samples are independent).
-    Each iterate's logits serve both the check and the next gradient.
-    """
-    broken = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    active = torch.arange(len(x), device=x.device)
-    box = _linf_box(x, eps) if norm == "linf" else None
-    adv = start.detach()
-    for k in range(steps + 1):
-        last = k == steps
-        with torch.set_grad_enabled(not last):
-            adv.requires_grad_(not last)
-            logits = model(adv)
-        fooled = logits.argmax(dim=1) != y
-        if bool(fooled.any()):
-            broken[active[fooled]] = True
-            keep = ~fooled
-            active, x, y = active[keep], x[keep], y[keep]
-            box = None if box is None else (box[0][keep], box[1][keep])
-        else:
-            keep = None
-        # Counted per sample (so the same for any batching): a gradient for each sample that takes a
-        # step, a forward for each that is fooled or at its last iterate. (The backward pass runs over
-        # the whole batch's graph, the fooled rows with a zero gradient.)
-        if last or len(active) == 0:
-            work.forwards += len(logits)
-            break
-        work.gradients += len(active)
-        work.forwards += len(logits) - len(active)
-        logits = logits if keep is None else logits[keep]
-        (grad,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), adv)
-        adv = adv.detach()
-        if keep is not None:
-            adv, grad = adv[keep], grad[keep]
-        adv = _pgd_step(adv, grad, x, eps, alpha, norm, box)
-    return broken
 
 
 def _family_masks(
@@ -448,7 +248,7 @@ def _family_masks(
         rows = base.nonzero().squeeze(1)
         if len(rows):
             work.gradients += len(rows)
-            fgsm_sign[rows] = _input_gradient(model, x[rows], y[rows]).sign()
+            fgsm_sign[rows] = input_gradient(model, x[rows], y[rows]).sign()
     out, alive = [], base
     for spec in specs:
         if spec.eps == 0:
@@ -481,11 +281,11 @@ def _robust_rows(model, xs, ys, spec, fgsm_sign, unit, rows, idxs, seed, early_e
         return _predict(model, adv, work) == ys
     start = (xs + spec.eps * unit[rows]).clamp_(0, 1) if spec.random_start else xs
     if early_exit:
-        return ~_pgd_broken_any_iterate(
+        return ~pgd_fooled_at_any_iterate(
             model, xs, ys, start, spec.eps, spec.alpha, spec.steps, spec.norm, work
         )
     work.gradients += len(xs) * spec.steps
-    adv = _pgd_from(model, xs, ys, start, spec.eps, spec.alpha, spec.steps, spec.norm)
+    adv = pgd_from(model, xs, ys, start, spec.eps, spec.alpha, spec.steps, spec.norm)
     return _predict(model, adv, work) == ys
 
 

@@ -6,7 +6,8 @@ The loss is the sample-weighted mean over every sample of every batch (on every 
 
 where ``loss_fn`` returns a batch mean (e.g. ``nn.CrossEntropyLoss()``). The Hessian is taken
 with respect to every parameter with ``requires_grad=True``, flattened in ``model.parameters()``
-order. Pure torch (no Lightning), in two layers over the solvers of :mod:`measures.linalg`:
+order. Pure torch (no Lightning), in two layers over the solvers of :mod:`measures.linalg` and
+:mod:`measures.estimators`:
 
 1. :class:`HessianOperator` -- the linear map ``v -> H v``. Each product is exact
    (Pearlmutter's double backprop: ``g = ∂L/∂θ`` with ``create_graph=True``, then
@@ -31,16 +32,14 @@ import torch
 from torch import nn
 
 from measures.distributed import ProcessGroup, all_reduce_sum
-from measures.linalg import (
-    DEFAULT_TOL,
+from measures.estimators import (
     DensityResult,
-    EigenResult,
     TraceResult,
     hutchinson_trace,
     lanczos_density,
-    lanczos_eigenvalues,
     power_eigenvalues,
 )
+from measures.linalg import DEFAULT_TOL, EigenResult, lanczos_eigenvalues
 from measures.module_state import gradients_enabled, parameters_requiring_grad, preserved_module_state
 
 __all__ = [
@@ -330,6 +329,19 @@ class HessianOperator:
 # --------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _hessian(
+    model: nn.Module, loss_fn: LossFn, batches: Batches, cache: bool | str, process_group: ProcessGroup
+) -> Iterator[HessianOperator]:
+    """The Hessian operator of one call, the model left exactly as found and the graphs freed after."""
+    with gradients_enabled(), preserved_module_state(model):
+        op = HessianOperator(model, loss_fn, batches, cache=cache, process_group=process_group)
+        try:
+            yield op
+        finally:
+            op.release()
+
+
 def hessian_eigenvalues(
     model: nn.Module,
     loss_fn: LossFn,
@@ -364,20 +376,16 @@ def hessian_eigenvalues(
         raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
     if method == "power" and (smallest or lanczos):
         raise ValueError(f"smallest eigenvalues and {sorted(lanczos)} need method='lanczos'")
-    with gradients_enabled(), preserved_module_state(model):
-        op = HessianOperator(model, loss_fn, batches, cache=cache, process_group=process_group)
-        try:
-            if method == "power":
-                return power_eigenvalues(
-                    op, k, tol=1e-3 if tol is None else tol, max_iter=max_iter, seed=seed,
-                    return_eigenvectors=return_eigenvectors,
-                )  # fmt: skip
-            return lanczos_eigenvalues(
-                op, k, which=which, smallest=smallest, tol=DEFAULT_TOL if tol is None else tol,
-                max_iter=max_iter, seed=seed, return_eigenvectors=return_eigenvectors, stop=stop, **lanczos,
+    with _hessian(model, loss_fn, batches, cache, process_group) as op:
+        if method == "power":
+            return power_eigenvalues(
+                op, k, tol=1e-3 if tol is None else tol, max_iter=max_iter, seed=seed,
+                return_eigenvectors=return_eigenvectors,
             )  # fmt: skip
-        finally:
-            op.release()
+        return lanczos_eigenvalues(
+            op, k, which=which, smallest=smallest, tol=DEFAULT_TOL if tol is None else tol,
+            max_iter=max_iter, seed=seed, return_eigenvectors=return_eigenvectors, stop=stop, **lanczos,
+        )  # fmt: skip
 
 
 def hessian_trace(
@@ -395,14 +403,10 @@ def hessian_trace(
 ) -> TraceResult:
     """Hutchinson estimate of ``tr(H)``; stops when ``stderr <= rtol·|trace|`` (see
     :func:`hutchinson_trace`). The model is left exactly as found."""
-    with gradients_enabled(), preserved_module_state(model):
-        op = HessianOperator(model, loss_fn, batches, cache=cache, process_group=process_group)
-        try:
-            return hutchinson_trace(
-                op, rtol=rtol, min_samples=min_samples, max_samples=max_samples, block=block, seed=seed
-            )
-        finally:
-            op.release()
+    with _hessian(model, loss_fn, batches, cache, process_group) as op:
+        return hutchinson_trace(
+            op, rtol=rtol, min_samples=min_samples, max_samples=max_samples, block=block, seed=seed
+        )
 
 
 def hessian_density(
@@ -417,9 +421,5 @@ def hessian_density(
     process_group: ProcessGroup = None,
 ) -> DensityResult:
     """Spectral density by stochastic Lanczos quadrature (see :func:`lanczos_density`)."""
-    with gradients_enabled(), preserved_module_state(model):
-        op = HessianOperator(model, loss_fn, batches, cache=cache, process_group=process_group)
-        try:
-            return lanczos_density(op, n_steps=n_steps, n_vectors=n_vectors, seed=seed)
-        finally:
-            op.release()
+    with _hessian(model, loss_fn, batches, cache, process_group) as op:
+        return lanczos_density(op, n_steps=n_steps, n_vectors=n_vectors, seed=seed)

@@ -1,14 +1,19 @@
-"""Counter-based random numbers: each sample's numbers are a function of (seed, its index) only.
+"""The attacks' random numbers; the global RNG is never touched.
 
-The random starts of the robust-accuracy counts (:mod:`measures.attacks`, :mod:`measures.apgd`)
-draw from here instead of a generator, so a sample gets the same start whatever batch or rank it
-is evaluated in. Streams tell apart the independent draws of one sample (PGD's start, each APGD
-run's start); the global RNG is never touched.
+Counter-based (:func:`sample_uniform`, :func:`sample_normal`): each sample's numbers are a function
+of (seed, its index) only. The random starts of the robust-accuracy counts (:mod:`measures.attacks`,
+:mod:`measures.apgd`) draw from here, so a sample gets the same start whatever batch or rank it is
+evaluated in. Streams tell apart the independent draws of one sample (PGD's start, each APGD run's
+start).
+
+From a generator (:func:`generator_start`): the random start of the single attacks (``pgd``,
+``apgd``, ``apgd_targeted``), drawn as torchattacks draws it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -53,3 +58,28 @@ def sample_normal(
     u1 = sample_uniform(idx, seed, stream, n, dtype, device)
     u2 = sample_uniform(idx, seed, stream + 1, n, dtype, device)
     return torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+
+
+Unit = Callable[[torch.Tensor, Callable[[tuple[int, ...]], torch.Tensor]], torch.Tensor]
+
+
+def generator_start(
+    x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None, unit: Unit
+) -> torch.Tensor:
+    """A random start ``clamp(x + eps · unit(t, uniform), 0, 1)`` drawn from ``generator``.
+
+    ``t`` has ``x``'s shape: uniform in [-1, 1] per entry (``norm="linf"``) or standard normal
+    (``"l2"``), drawn on the generator's device (a generator on ``x``'s device seeded with 0 when
+    ``None``) and moved to ``x``'s. ``unit(t, uniform)`` makes the attack's perturbation for eps = 1
+    out of it; ``uniform(shape)`` draws further numbers in [0, 1) from the same generator, after ``t``
+    (PGD's L2 radius).
+    """
+    if generator is None:
+        generator = torch.Generator(device=x.device).manual_seed(0)
+    kw = {"generator": generator, "device": generator.device, "dtype": x.dtype}
+    t = torch.rand(x.shape, **kw) * 2 - 1 if norm == "linf" else torch.randn(x.shape, **kw)
+
+    def uniform(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.rand(shape, **kw).to(x.device)
+
+    return (x + eps * unit(t.to(x.device), uniform)).clamp(0, 1)

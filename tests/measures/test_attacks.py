@@ -1,4 +1,4 @@
-"""Attacks and robust-accuracy counts of ``measures.attacks`` on a small BatchNorm CNN.
+"""Attacks (``measures.pgd``) and robust-accuracy counts (``measures.attacks``) on a small BatchNorm CNN.
 
 References are computed here (torchattacks 3.5.1, or the functions' own definitions), never
 hard-coded numbers.
@@ -17,15 +17,13 @@ from measures.attacks import (
     AttackSpec,
     AttackWork,
     adversarial_examples,
-    fgsm,
-    per_sample_unit_start,
-    pgd,
     robust_accuracy_counts,
     robust_masks,
     worst_case_key,
 )
 from measures.batches import split_batches
 from measures.checks import gradient_masking_warnings
+from measures.pgd import fgsm, per_sample_unit_start, pgd
 from tests.helpers import attack_data as data
 from tests.helpers import small_cnn
 

@@ -13,13 +13,15 @@ import pytest
 import torch
 from torch import nn
 
+from measures.estimators import hutchinson_trace
 from measures.hessian import (
     HessianOperator,
     hessian_density,
     hessian_eigenvalues,
     hessian_trace,
 )
-from measures.linalg import DEFAULT_TOL, RESIDUAL_TOL, MatrixOperator, hutchinson_trace
+from measures.linalg import DEFAULT_TOL, RESIDUAL_TOL
+from measures.operators import MatrixOperator
 from tests.helpers import exact_hessian
 
 SIZES = (7, 5, 3)

@@ -1,4 +1,4 @@
-"""The solvers of ``measures.linalg`` on plain symmetric matrices with known spectra.
+"""The solvers of ``measures.linalg`` and ``measures.estimators`` on plain symmetric matrices with known spectra.
 
 Each matrix is ``Q diag(λ) Qᵀ`` with a random orthogonal ``Q`` and a chosen ``λ``; the reference is
 ``torch.linalg.eigvalsh`` of the same matrix (not the chosen ``λ``, so rounding is compared like
@@ -11,18 +11,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from measures.estimators import hutchinson_trace, lanczos_density, power_eigenvalues
 from measures.linalg import (
     DEFAULT_TOL,
     GAP_SAFETY,
-    MatrixOperator,
     ProgressLines,
-    hutchinson_trace,
-    lanczos_density,
     lanczos_eigenvalues,
-    power_eigenvalues,
     ritz_error_bounds,
     warm_start_vector,
 )
+from measures.operators import MatrixOperator
 
 DIM = 60
 
