@@ -12,8 +12,9 @@ from callbacks.epoch_measurement import EpochEndMeasurement
 from lightning_modules.config import check
 from measures.batches import fixed_subset_indices, load_rank_subset, split_batches
 from measures.distributed import all_reduce_sum
-from measures.input_curvature import input_curvature, pgd_iterates
+from measures.input_curvature import input_curvature
 from measures.module_state import preserved_module_state
+from measures.pgd import pgd_iterates
 
 
 class InputCurvature(EpochEndMeasurement):

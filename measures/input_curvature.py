@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from measures.attacks import _input_gradient, _linf_box, _pgd_step, per_sample_unit_start
 from measures.linalg import DEFAULT_TOL, ritz_error_bounds
 from measures.module_state import autograd_input, gradients_enabled, preserved_module_state
 from measures.noise import sample_normal
@@ -41,7 +40,6 @@ __all__ = [
     "input_curvature",
     "input_hessian_products",
     "input_trace",
-    "pgd_iterates",
 ]
 
 NOISE_STREAM = 40
@@ -270,28 +268,3 @@ def input_curvature(
         converged=eig.converged,
         n_products=eig.n_products + (dim if trace else 0),
     )
-
-
-def pgd_iterates(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    index: torch.Tensor,
-    eps: float,
-    step_size: float,
-    steps: int,
-    seed: int = 0,
-) -> list[torch.Tensor]:
-    """Every iterate of L∞ PGD (start, step 1, ..., step ``steps``), from the per-sample random start
-    the robust-accuracy counts use (:func:`measures.attacks.per_sample_unit_start` with the same
-    ``seed``): the points the attack's inner loop visits. The model's mode is the caller's."""
-    with gradients_enabled():
-        x, y = autograd_input(x), autograd_input(y)
-        adv = (x + eps * per_sample_unit_start(x, index, seed, "linf")).clamp(0, 1)
-        box = _linf_box(x, eps)
-        path = [adv.detach()]
-        for _ in range(steps):
-            grad = _input_gradient(model, adv, y)
-            adv = _pgd_step(adv.detach(), grad, x, eps, step_size, "linf", box)
-            path.append(adv.detach())
-    return path

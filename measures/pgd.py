@@ -215,3 +215,28 @@ def pgd_fooled_at_any_iterate(
             adv, grad = adv[keep], grad[keep]
         adv = _pgd_step(adv, grad, x, eps, alpha, norm, box)
     return broken
+
+
+def pgd_iterates(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    index: torch.Tensor,
+    eps: float,
+    step_size: float,
+    steps: int,
+    seed: int = 0,
+) -> list[torch.Tensor]:
+    """Every iterate of L∞ PGD (start, step 1, ..., step ``steps``), from the per-sample random start
+    the robust-accuracy counts use (:func:`measures.attacks.per_sample_unit_start` with the same
+    ``seed``): the points the attack's inner loop visits. The model's mode is the caller's."""
+    with gradients_enabled():
+        x, y = autograd_input(x), autograd_input(y)
+        adv = (x + eps * per_sample_unit_start(x, index, seed, "linf")).clamp(0, 1)
+        box = _linf_box(x, eps)
+        path = [adv.detach()]
+        for _ in range(steps):
+            grad = input_gradient(model, adv, y)
+            adv = _pgd_step(adv.detach(), grad, x, eps, step_size, "linf", box)
+            path.append(adv.detach())
+    return path
