@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 
 import pytorch_lightning as pl
@@ -40,6 +41,11 @@ class InputCurvature(EpochEndMeasurement):
     negative curvature of smooth activations separates the two. Every example's values are placed
     at its position in the fixed subset and summed over ranks, so the numbers (the median
     included) are those of one process on any device count.
+
+    ``float64`` (default true): the eigenvalues are computed on a float64 copy of the network, at
+    the points the network itself (float32) gives: a confidently classified example's input
+    Hessian is tiny (softmax saturation), and float32 rounding then produces spurious negative
+    eigenvalues a fair fraction of its λ_max, which ``frac_negative`` would count.
     """
 
     def __init__(
@@ -57,6 +63,7 @@ class InputCurvature(EpochEndMeasurement):
         pgd_steps: int = 10,
         pgd_step_size: float | None = None,
         along_path: bool = False,
+        float64: bool = True,
         at_end: bool = True,
         seed: int = 0,
         prefix: str = "input",
@@ -88,7 +95,7 @@ class InputCurvature(EpochEndMeasurement):
         self.subset_size, self.subset_seed, self.batch_size = subset_size, subset_seed, batch_size
         self.k, self.trace, self.tol, self.max_iter, self.neg_tol = k, trace, tol, max_iter, neg_tol
         self.eps, self.pgd_steps, self.pgd_step_size = [float(e) for e in eps], pgd_steps, pgd_step_size
-        self.along_path, self.seed = along_path, seed
+        self.along_path, self.seed, self.float64 = along_path, seed, float64
         self._data = None
         self._n_total = 0
 
@@ -144,12 +151,13 @@ class InputCurvature(EpochEndMeasurement):
         start = time.perf_counter()
         per_set: dict[str, list[torch.Tensor]] = {}
         converged = True
+        measured = copy.deepcopy(model).double().eval() if self.float64 else model
         with preserved_module_state(model, mode="eval"):
             for xb, yb, ib in split_batches(x, y, self.batch_size, extra=torch.stack([idx, position], 1)):
                 for name, points in self.point_sets(model, xb, yb, ib[:, 0]).items():
                     for j, p in enumerate(points):
                         r = input_curvature(
-                            model, p, yb, ib[:, 0], k=self.k, trace=self.trace, tol=self.tol,
+                            measured, p.double() if self.float64 else p, yb, ib[:, 0], k=self.k, trace=self.trace, tol=self.tol,
                             max_iter=self.max_iter, seed=self.seed,
                         )  # fmt: skip
                         converged = converged and bool(r.converged.all())

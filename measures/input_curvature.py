@@ -84,19 +84,20 @@ def _start(index: torch.Tensor, dim: int, seed: int, device: torch.device) -> to
 
 
 def _assess(alphas, betas, beta_last, k, smallest, floor, dim):
-    """Ritz values, wanted indices and estimated errors of one example's tridiagonal matrix."""
-    m = len(alphas)
-    t = torch.diag(alphas) + torch.diag(betas, 1) + torch.diag(betas, -1)
-    theta, s = torch.linalg.eigh(t)
-    res = (beta_last * s[-1]).abs()
+    """Ritz values and estimated errors of a batch of tridiagonal matrices (one row per example):
+    ``(top, low, err, scale)`` with ``top`` descending, ``low`` ascending."""
+    m = alphas.shape[1]
+    t = torch.diag_embed(alphas) + torch.diag_embed(betas, 1) + torch.diag_embed(betas, -1)
+    theta, s = torch.linalg.eigh(t)  # ascending
+    res = (beta_last[:, None] * s[:, -1, :]).abs()
     top = torch.arange(m - 1, max(m - 1 - k, -1), -1)
     low = torch.arange(min(smallest, m))
-    idx = torch.cat([top, low])
-    scale = max(float(theta.abs().max()), 1e-300)
-    err = ritz_error_bounds(theta, res, idx).clamp_min(floor * scale)
+    scale = theta.abs().amax(1).clamp_min(1e-300)
+    err = ritz_error_bounds(theta, res, torch.cat([top, low])).clamp_min(0)
+    err = torch.maximum(err, floor * scale[:, None])
     if m >= dim:  # the whole space: exact up to rounding
-        err = torch.full_like(err, floor * scale)
-    return theta, top, low, err, scale
+        err = (floor * scale)[:, None].expand_as(err).clone()
+    return theta[:, top], theta[:, low], err, scale
 
 
 def batched_lanczos(
@@ -135,7 +136,7 @@ def batched_lanczos(
     b = len(index)
     floor = 8 * torch.finfo(dtype).eps
     steps_max = min(max_iter, dim)
-    basis = torch.zeros((b, steps_max, dim), dtype=torch.float64, device=device)
+    basis = torch.empty((b, min(steps_max, 16), dim), dtype=torch.float64, device=device)  # grows
     alphas = torch.zeros((b, steps_max), dtype=torch.float64)
     betas = torch.zeros((b, steps_max), dtype=torch.float64)
     q = _start(index, dim, seed, device)
@@ -150,6 +151,8 @@ def batched_lanczos(
     scale_run = torch.zeros(b, dtype=torch.float64)
     n_products = 0
     for j in range(steps_max):
+        if j == basis.shape[1]:  # double the capacity: most recurrences stop long before steps_max
+            basis = torch.cat([basis, torch.empty_like(basis[:, : min(j, steps_max - j)])], 1)
         basis[:, j] = q
         w = matvec(q.to(dtype)).to(torch.float64)
         n_products += 1
@@ -164,20 +167,22 @@ def batched_lanczos(
         beta = w.norm(dim=1)
         betas[:, j] = beta.cpu()
         scale_run = torch.maximum(scale_run, (a.abs() + beta).cpu())
-        for i in torch.nonzero(active).flatten().tolist():
-            theta, top, low, err, scale = _assess(
-                alphas[i, : j + 1], betas[i, :j], float(betas[i, j]), k, smallest, floor, dim
-            )
-            enough = j + 1 > k + smallest
-            held = enough and float(err.max()) <= tol * scale
-            streak[i] = streak[i] + 1 if held else 0
-            if (streak[i] > confirm and j + 1 >= k + smallest + 1) or j + 1 >= dim or j + 1 == steps_max:
-                active[i] = False
-                steps[i] = j + 1
-                converged[i] = bool(held) or j + 1 >= dim
-                result_top[i, : len(top)] = theta[top]
-                result_low[i, : len(low)] = theta[low]
-                result_err[i, : len(err)] = err
+        rows = torch.nonzero(active).flatten()
+        top, low, err, scale = _assess(
+            alphas[rows, : j + 1], betas[rows, :j], betas[rows, j], k, smallest, floor, dim
+        )
+        enough = j + 1 > k + smallest
+        held = (err.amax(1) <= tol * scale) & enough
+        streak[rows] = torch.where(held, streak[rows] + 1, 0)
+        whole = j + 1 >= dim
+        stop = (streak[rows] > confirm) | whole | (j + 1 == steps_max)
+        done = rows[stop]
+        active[done] = False
+        steps[done] = j + 1
+        converged[done] = held[stop] | whole
+        result_top[done, : top.shape[1]] = top[stop]
+        result_low[done, : low.shape[1]] = low[stop]
+        result_err[done, : err.shape[1]] = err[stop]
         if not bool(active.any()):
             break
         # breakdown (an invariant subspace, e.g. a rank-deficient Hessian): restart orthogonally

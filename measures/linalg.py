@@ -186,7 +186,8 @@ def ritz_error_bounds(
     """Estimated errors ``|θ_i - λ_i|`` of Ritz values from one Rayleigh-Ritz (e.g. Lanczos) step.
 
     ``theta``: all Ritz values of the space, ascending; ``residuals``: their absolute residuals
-    ``r_i = ||H y_i - θ_i y_i||``; ``index``: which ones to bound (default all).
+    ``r_i = ||H y_i - θ_i y_i||``; ``index``: which ones to bound (default all). Leading dimensions
+    are independent spaces of the same size (a batch of recurrences, bounded at once).
 
     The estimate rests on the quadratic residual bound (Kato-Temple; in this form Li & Li 2005):
     if no other eigenvalue is closer to ``θ_i`` than ``η``, the eigenvalue ``λ`` next to ``θ_i``
@@ -209,16 +210,17 @@ def ritz_error_bounds(
     single-vector Krylov method; :func:`lanczos_eigenvalues` therefore asks the estimate to hold
     over several consecutive steps before it stops.
     """
-    m = len(theta)
+    m = theta.shape[-1]
     theta = theta.to(torch.float64)
     res = residuals.to(torch.float64)
     index = torch.arange(m) if index is None else torch.as_tensor(index, dtype=torch.long)
-    inf = torch.full((m,), math.inf, dtype=torch.float64)
+    inf = torch.full(theta.shape, math.inf, dtype=torch.float64)
     below, above = inf.clone(), inf.clone()
-    below[1:] = theta[1:] - theta[:-1] - res[:-1]  # gap to the next lower Ritz value, less its residual
-    above[:-1] = theta[1:] - res[1:] - theta[:-1]
-    eta = torch.minimum(below, above).clamp_min(0)[index]
-    r = res[index]
+    # gap to the next lower Ritz value, less its residual; and to the next higher one
+    below[..., 1:] = theta[..., 1:] - theta[..., :-1] - res[..., :-1]
+    above[..., :-1] = theta[..., 1:] - res[..., 1:] - theta[..., :-1]
+    eta = torch.minimum(below, above).clamp_min(0)[..., index]
+    r = res[..., index]
     denom = eta + (eta**2 + 4 * r**2).sqrt()
     bound = torch.where(r > 0, 2 * r**2 / denom, torch.zeros_like(r))
     # a lone Ritz value says nothing about the gap: only the residual
