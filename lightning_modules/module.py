@@ -95,11 +95,29 @@ class SGDClassifier(pl.LightningModule):
         self.eval_names = ("val", "test", "train_eval")
 
     def setup(self, stage: str) -> None:
+        self._own_state()
         # Lightning restores a checkpoint's weights before its precision plugin converts the
         # module (Trainer._run): a "64-true" run resumed into float32 parameters would lose its
         # weights' low bits, so the module is made float64 first.
         if str(self.trainer.precision).startswith("64"):
             self.double()
+
+    def _own_state(self) -> None:
+        """Give this process its own copy of every tensor that is neither parameter nor buffer.
+
+        ``ddp_spawn`` pickles the module into its workers through ``torch.multiprocessing``, which
+        moves every CPU tensor it sends into shared memory, the parent's included. Lightning copies
+        parameters and buffers back out (``_disable_module_memory_sharing``), not torchmetrics'
+        states nor plain attributes: ``MeanMetric`` adds in place (``mean_value +=``), so the ranks
+        and the parent summed into one storage until the first ``reset()``. The parent then kept
+        the first evaluation of ``fit``, and the final ``trainer.validate()`` (new workers, same
+        storage) averaged the final losses with those of epoch 1 (``Accuracy`` adds out of place
+        and was right). Evaluation metrics start from nothing here; the other tensors keep their
+        values in memory of their own.
+        """
+        for metric in (*self.eval_loss, *self.eval_acc):
+            metric.reset()  # every state a fresh copy of its default
+        self.train_sums = self.train_sums.clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -184,6 +202,8 @@ class SGDClassifier(pl.LightningModule):
         self.eval_acc[dataloader_idx].update(logits, y)
 
     def on_validation_epoch_start(self) -> None:
+        for metric in (*self.eval_loss, *self.eval_acc):
+            metric.reset()  # an evaluation starts from nothing (one cut short may have left a part)
         self._eval_start = time.perf_counter()
 
     def on_validation_epoch_end(self) -> None:
