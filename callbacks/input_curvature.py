@@ -98,6 +98,7 @@ class InputCurvature(EpochEndMeasurement):
         self.along_path, self.seed, self.float64 = along_path, seed, float64
         self._data = None
         self._n_total = 0
+        self.histograms: dict[str, torch.Tensor] = {}  # the last measurement's per-example top eigenvalues
 
     def check_against(self, model: nn.Module, datamodule) -> None:
         """Refuse, before training, a subset larger than the test set and more eigenvalues than
@@ -177,6 +178,7 @@ class InputCurvature(EpochEndMeasurement):
                 full[rows[:, 0].long()] = rows[:, 1:]
             full = all_reduce_sum(full)
             top, low, tr = full[:, 0], full[:, 1], full[:, 2]
+            self.histograms[name] = top
             p = f"{self.prefix}/{name}"
             metrics[f"{p}/top_mean"] = float(top.mean())
             metrics[f"{p}/top_median"] = float(top.median())
@@ -205,6 +207,15 @@ class InputCurvature(EpochEndMeasurement):
     def measure_module(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         param = next(pl_module.parameters())
         x, y, idx, position = self._data
-        return self.measure(
-            pl_module, x.to(param.device, param.dtype), y.to(param.device), idx, position, self._n_total
+        net = getattr(pl_module, "net", pl_module)  # the network alone: the float64 copy is of it
+        metrics = self.measure(
+            net, x.to(param.device, param.dtype), y.to(param.device), idx, position, self._n_total
         )
+        for logger in trainer.loggers:  # a logger that draws histograms (W&B) gets the per-example values
+            log_histogram = getattr(logger, "log_histogram", None)
+            if callable(log_histogram):
+                for name, values in self.histograms.items():
+                    log_histogram(
+                        f"{self.prefix}/{name}/top_hist", values, trainer.current_epoch, trainer.global_step
+                    )
+        return metrics

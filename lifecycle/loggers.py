@@ -84,6 +84,19 @@ class WandbLogger(_LightningWandbLogger):
         _ = self.experiment  # started (and any earlier rows replayed) before this row
         self._apply(self._history.add(metrics, step))
 
+    @rank_zero_only
+    def log_histogram(self, name: str, values, epoch: int, step: int) -> None:
+        """Per-example values (e.g. each test example's top input-Hessian eigenvalue) as a W&B
+        histogram on the ``epoch`` axis. Callbacks find this method by name on any logger, so they
+        need not know W&B."""
+        import wandb
+
+        run = self.experiment
+        run.define_metric(name, step_metric=EPOCH)
+        run.log(
+            {name: wandb.Histogram([float(v) for v in values]), EPOCH: epoch, "trainer/global_step": step}
+        )
+
 
 class RunRecord(Logger):
     """A Lightning logger that collects the per-epoch metrics into ``results.json``.

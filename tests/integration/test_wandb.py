@@ -214,3 +214,27 @@ def test_a_resumed_offline_run_holds_every_epoch_once_in_its_newest_log(tmp_path
     assert epochs_of(back["history"], "train/loss") == [0, 1, 2]
     steps = [row["trainer/global_step"] for row in back["history"] if "train/loss_step" in row]
     assert steps == sorted(set(steps)) and steps[0] < 32 < steps[-1]  # replayed from the CSV log, then new
+
+
+def test_the_input_curvature_reaches_wandb_as_numbers_and_per_example_histograms(tmp_path):
+    env = offline_env(tmp_path)
+    args = ["logger=wandb", "model=mlp", "model.activation=softplus", "threads=1", "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false", "~callbacks.hessian", "~callbacks.adversarial",
+            "callbacks=[default,input_curvature]", "callbacks.input_curvature.subset_size=20",
+            "callbacks.input_curvature.pgd_steps=2"]  # fmt: skip
+    run_train(args, tmp_path, env=env)
+    (record,) = records(tmp_path).values()
+    (job,) = [p.parent for p in tmp_path.rglob("results.json")]
+    (log,) = logs(job)
+    back = read_back(log)
+    # the summary numbers are the record's
+    for key in ("input/clean/top_mean", "input/pgd_eps0.1/frac_negative", "input/converged"):
+        assert back["summary"][key] == pytest.approx(record["final"][key], rel=1e-12), key
+    # one histogram per point set, of the 20 examples' top eigenvalues, on the epoch axis
+    # (the reader flattens a histogram into <name>._type, .bins, .values)
+    rows = [row for row in back["history"] if "input/clean/top_hist._type" in row]
+    assert len(rows) == 1 and rows[0]["epoch"] == 0 and rows[0]["input/clean/top_hist._type"] == "histogram"
+    assert sum(rows[0]["input/clean/top_hist.values"]) == 20
+    bins = rows[0]["input/clean/top_hist.bins"]
+    assert min(bins) <= record["final"]["input/clean/top_median"] <= max(bins)
+    assert back["metrics"].get("input/pgd_eps0.1/top_hist") == "epoch"
