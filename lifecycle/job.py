@@ -390,8 +390,11 @@ def _prepare_trainer(job: _Job, built: Job, resume_step: int) -> pl.Trainer:
     except Exception as e:  # a logger argument its class refuses
         raise JobRefused(f"logger: {_cause(e)}") from None
     callbacks = list(built.callbacks)
-    if os.environ.get("SGD_FAULT"):
-        callbacks.insert(0, FaultInjection.from_env(os.environ["SGD_FAULT"]))
+    if cfg.get("fault"):  # a test tool: a fault at a named phase (conf/train.yaml)
+        try:
+            callbacks.insert(0, FaultInjection.parse(str(cfg.fault)))
+        except ConfigError as e:
+            raise JobRefused(str(e.under("fault"))) from None
     try:
         return hydra.utils.instantiate(
             cfg.trainer,
