@@ -241,7 +241,7 @@ def _end_segment(record_path: Path, start: float, **fields) -> dict:
 def _jobs_not_run() -> list[str]:
     """In a sequential multirun, the override sets of the jobs after this one, in Hydra's order."""
     hc = HydraConfig.get()
-    if not str(hc.launcher.get("_target_", "")).endswith("BasicLauncher"):
+    if hc.launcher.get("_target_") != sweep.hydra_internals().basic_launcher:
         return []  # parallel launchers start jobs in their own order
     args = [a for a in sys.argv[1:] if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
     params = [f"{k}={v}" for k, v in (hc.sweeper.get("params") or {}).items()]
