@@ -304,6 +304,8 @@ def run_job(cfg: DictConfig, out_dir: Path, multirun: bool = False) -> JobOutcom
     except JobRefused as e:
         print(f"error: {e}", file=sys.stderr)
         return JobOutcome(out_dir, EXIT_REFUSED)
+    except Exception as e:  # outside training (where _train records it): never a sweep-ending traceback
+        return _failed_outside_training(out_dir, e, rank_zero)
     finally:
         # the job's live W&B run, if any, gets the record's summary (final values, status, stop reason;
         # checkpoints if logger.wandb.log_model) and ends, however the job ended: otherwise the next
@@ -325,6 +327,7 @@ def _run_locked(job: _Job) -> JobOutcome:
     resume_step = _checkpoint_step(resume) if resume else -1
     trainer = _prepare_trainer(job, built, resume_step)
     if job.rank_zero:
+        _save_hydra_files(job)
         _start_segment(job.record_path, job.cfg, now, built.plan, resume, resume_step, accepted, job.start)
         if resume:
             print(f"[train] resuming from {resume} (step {resume_step})")
@@ -354,7 +357,9 @@ def _build_checked(job: _Job, previous: dict) -> Job:
             built.datamodule.prepare_data()  # offline and no files: one clear error, before any training
     except (ConfigError, DataUnavailable) as e:
         if job.rank_zero and previous.get("status") not in FINISHED:
-            update_record(job.record_path, status="failed", error=str(e), overrides=_overrides())
+            update_record(
+                job.record_path, status="failed", stop_reason="failed", error=str(e), overrides=_overrides()
+            )
         raise JobRefused(str(e)) from None
     return built
 
@@ -406,6 +411,24 @@ def _prepare_trainer(job: _Job, built: Job, resume_step: int) -> pl.Trainer:
         )
     except Exception as e:  # a trainer argument Lightning refuses
         raise JobRefused(f"trainer: {_cause(e)}") from None
+
+
+def _save_hydra_files(job: _Job) -> None:
+    """``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml``: what this run trains with.
+
+    Written here, by the process that holds the job's lock and is about to train, rather than by
+    Hydra before the task starts (``hydra.output_subdir: null``): a refused launch (a lock held, a
+    changed identity, a bad value) must leave the files of the run it refused as they were.
+    """
+    try:
+        hc = HydraConfig.get()
+    except ValueError:  # not started by Hydra (a test calling run_job)
+        return
+    out = job.out_dir / ".hydra"
+    out.mkdir(exist_ok=True)
+    OmegaConf.save(job.cfg, out / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": hc}), out / "hydra.yaml")
+    OmegaConf.save(hc.overrides.task, out / "overrides.yaml")
 
 
 def _note_batchnorm(job: _Job, built: Job) -> None:
@@ -486,19 +509,43 @@ def _interrupted(job: _Job, trainer: pl.Trainer, received: dict, e: BaseExceptio
 
 
 def _failed(job: _Job, e: Exception) -> JobOutcome:
-    """Record an exception as the job's failure (type, message, the traceback's tail); exit status 1."""
+    """Record an exception as the job's failure (type, message, the traceback's tail); exit status 1.
+
+    ``stop_reason`` becomes ``failed`` even when the budget was spent before the failure (e.g. at the
+    final measurement), so no report reads "failed, max_epochs" as a run that ended by its budget;
+    ``stopped_at_step`` and ``stopped_at_epoch`` keep how far it got.
+    """
     if job.rank_zero:
         tail = traceback.format_exception(e)[-6:]
         _end_segment(
             job.record_path,
             job.start,
             status="failed",
+            stop_reason="failed",
             error=f"{type(e).__name__}: {e}",
             traceback="".join(tail),
         )
     traceback.print_exc()
     print(f"[train] failed: {type(e).__name__}: {e} (recorded in {job.record_path})", file=sys.stderr)
     return JobOutcome(job.out_dir, EXIT_FAILED)
+
+
+def _failed_outside_training(out_dir: Path, e: Exception, rank_zero: bool) -> JobOutcome:
+    """An exception before or after training: recorded as a failure unless the record holds a finished
+    result (which stays as it is); exit status 1, and a multirun goes on to its next job."""
+    traceback.print_exc()
+    print(f"[train] failed: {type(e).__name__}: {e}", file=sys.stderr)
+    if rank_zero:
+        with contextlib.suppress(RecordError, OSError):
+            if read_record(out_dir / RECORD).get("status") not in FINISHED:
+                update_record(
+                    out_dir / RECORD,
+                    status="failed",
+                    stop_reason="failed",
+                    error=f"{type(e).__name__}: {e}",
+                    traceback="".join(traceback.format_exception(e)[-6:]),
+                )
+    return JobOutcome(out_dir, EXIT_FAILED)
 
 
 def _write_final(job: _Job, trainer: pl.Trainer) -> JobOutcome:
