@@ -87,8 +87,11 @@ def _overrides() -> list[str]:
 
 
 @contextlib.contextmanager
-def job_lock(out_dir: Path):
-    """Hold ``out_dir/job.lock`` for the job (``flock``: released by the kernel if the process dies)."""
+def job_lock(out_dir: Path, why: str | None = None):
+    """Hold ``out_dir/job.lock`` for the job (``flock``: released by the kernel if the process dies).
+
+    Held by ``train.py`` while a job runs and by ``measure.py`` while it measures the job's
+    checkpoint; ``why`` says why the second of them is refused."""
     path = out_dir / LOCK
     with open(path, "a+") as f:
         try:
@@ -97,9 +100,13 @@ def job_lock(out_dir: Path):
             f.seek(0)
             holder = f.read().strip() or "another process"
             raise JobRefused(
-                f"{out_dir} is being run by {holder}: two launches of one job at the same time would "
-                "write into one directory. Wait for it to end, or stop it; a job whose process died "
-                "(even by SIGKILL) holds no lock and is resumed by the next run of the same command."
+                f"{out_dir} is being run by {holder}: "
+                + (
+                    why
+                    or "two launches of one job at the same time would write into one directory. Wait for "
+                    "it to end, or stop it; a job whose process died (even by SIGKILL) holds no lock and "
+                    "is resumed by the next run of the same command."
+                )
             ) from None
         f.seek(0)
         f.truncate()
@@ -210,9 +217,9 @@ def _start_segment(record_path, cfg, now, plan, resume, resume_step, accepted, s
         batch_plan=dataclasses.asdict(plan),
         provenance=provenance(),
         resumed_from=str(resume) if resume else None,
-        accepted_code_changes=record.get("accepted_code_changes", []) + ([accepted] if accepted else []),
+        accepted_code_changes=(record.get("accepted_code_changes") or []) + ([accepted] if accepted else []),
         segments=[
-            *({**s, "ended": s.get("ended", "killed")} for s in record.get("segments", [])),
+            *({**s, "ended": s.get("ended", "killed")} for s in (record.get("segments") or [])),
             {
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "started_unix": start,
@@ -230,7 +237,7 @@ def _start_segment(record_path, cfg, now, plan, resume, resume_step, accepted, s
 def _end_segment(record_path: Path, start: float, **fields) -> dict:
     """Close this process's segment of the run: its wall time, and the run's total over all segments."""
     record = read_record(record_path)
-    segments = record.get("segments", [])
+    segments = record.get("segments") or []
     if segments:
         segments[-1]["wall_time_s"] = time.time() - start
         segments[-1]["ended"] = fields.get("status")
@@ -340,8 +347,15 @@ def _run_locked(job: _Job) -> JobOutcome:
 
 def _read_previous(job: _Job) -> dict:
     """The record a former launch left ({} if none): a record we cannot read is never trained over."""
+    return read_previous(job.record_path)
+
+
+def read_previous(record_path: Path) -> dict:
+    """The checked record at ``record_path`` ({} if none), or :class:`JobRefused` naming the field that
+    fails :func:`lifecycle.record.read_record`'s checks. Its nullable fields may be null: every use
+    here reads a list or object field as ``record.get(name) or []``."""
     try:
-        return read_record(job.record_path)
+        return read_record(record_path)
     except RecordError as e:
         raise JobRefused(str(e)) from None
 
@@ -376,13 +390,13 @@ def _report_finished(job: _Job, previous: dict, accepted: dict | None) -> JobOut
     """A finished job is reported, never retrained: re-running a sweep skips its finished jobs."""
     if accepted and job.rank_zero:
         update_record(
-            job.record_path, accepted_code_changes=[*previous.get("accepted_code_changes", []), accepted]
+            job.record_path, accepted_code_changes=[*(previous.get("accepted_code_changes") or []), accepted]
         )
     print(f"[train] this job already finished ({previous['status']}); fresh=true trains it again.")
-    print(summarize(read_record(job.record_path), job.out_dir))
+    print(summarize(read_record(job.record_path) if accepted and job.rank_zero else previous, job.out_dir))
     if job.rank_zero:  # with a W&B logger, a finished job reaches W&B from its record, once
         send_finished(job.cfg, job.out_dir)
-    return JobOutcome(job.out_dir, 0, previous.get("final", {}).get("val/acc"))
+    return JobOutcome(job.out_dir, 0, (previous.get("final") or {}).get("val/acc"))
 
 
 def _prepare_trainer(job: _Job, built: Job, resume_step: int) -> pl.Trainer:
@@ -555,9 +569,9 @@ def _write_final(job: _Job, trainer: pl.Trainer) -> JobOutcome:
         return JobOutcome(job.out_dir)
     record = read_record(job.record_path)
     evaluated = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    final = {**record.get("last", {}), **evaluated}
+    final = {**(record.get("last") or {}), **evaluated}
     # the history step each final measurement was logged at (the final evaluation has no row)
-    steps = {k: v for k, v in record.get("last_step", {}).items() if k in final and k not in evaluated}
+    steps = {k: v for k, v in (record.get("last_step") or {}).items() if k in final and k not in evaluated}
     status = "diverged" if record.get("stop_reason") == "diverged" else "completed"
     record = _end_segment(job.record_path, job.start, status=status, final=final, final_step=steps)
     record = update_record(job.record_path, time_split=time_split(record))
