@@ -5,10 +5,12 @@ Each test names the behaviour; each failed before the change it came with.
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +92,27 @@ def test_a_run_dir_outside_the_log_dir_is_refused_before_anything_is_written(tmp
     assert "Traceback" not in empty.stderr + empty_sweep.stderr + outside.stderr
     assert list(cwd.iterdir()) == [] and not elsewhere.exists() and not (tmp_path / "logs").exists()
     assert {p for p in ("/runs", "/sweeps") if os.path.exists(p)} == at_root
+
+
+def loss_steps(log_dir) -> dict[int, float]:
+    (path,) = Path(log_dir).rglob("metrics.csv")
+    with open(path) as f:
+        return {
+            int(r["step"]): float(r["train/loss_step"]) for r in csv.DictReader(f) if r.get("train/loss_step")
+        }
+
+
+def test_every_logged_row_survives_a_sigkill_and_a_mid_epoch_resume(tmp_path):
+    args = [
+        *SMALL,
+        "logger=csv",
+        "trainer.max_epochs=1",
+        "callbacks.checkpoint_interval.every_n_train_steps=3",
+    ]
+    run_train(args, tmp_path / "uninterrupted")
+    killed = run_train([*args, "fault=SIGKILL@batch:20"], tmp_path / "resumed", check=False)
+    assert killed.returncode == -9
+    assert "resuming from" in run_train(args, tmp_path / "resumed").stdout
+    reference, resumed = loss_steps(tmp_path / "uninterrupted"), loss_steps(tmp_path / "resumed")
+    assert sorted(resumed) == sorted(reference) == [9, 19, 29]
+    assert resumed == pytest.approx(reference, rel=1e-5)
