@@ -18,7 +18,12 @@ A re-run of the same command resumes a job that is not finished from ``checkpoin
 resume a job whose training config, measurement settings or code changed
 (:mod:`lifecycle.identity`). Only one process runs a job at a time: a lock file in the run
 directory is held while the job runs and released by the kernel when its process dies. A job
-directory outside ``paths.log_dir`` is refused before anything is written into it.
+directory outside ``paths.log_dir`` is refused before anything is written into it
+(:class:`lifecycle.rundir.RunDirGuard`, before Hydra creates it), and ``.hydra/`` is written by
+the job once it holds the lock and starts training, so a refused launch changes nothing.
+
+:func:`run_job` returns a :class:`JobOutcome` and never exits (a signal aside): the entry point
+(``train.py``) turns outcomes into the exit status, so a multirun goes on after a failed job.
 """
 
 from __future__ import annotations
