@@ -15,6 +15,10 @@ different settings never replace each other, and the same settings replace their
 result. Writes ``RUN_DIR/measurements/<name>.json`` and the same values under
 ``checkpoint_measurements[<name>]`` in ``results.json``; with ``--density`` also
 ``<name>_density.png``, the eigenvalue density (stochastic Lanczos quadrature).
+
+Before measuring (which can take minutes), it checks that the run's record can be read, that the
+run directory can be written, and takes the job's lock (``job.lock``, as ``train.py`` does): a run
+that is training, or being measured by another ``measure.py``, is refused with exit status 2.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +40,8 @@ from tqdm import tqdm
 from callbacks.adversarial_accuracy import AdversarialAccuracy
 from callbacks.hessian_spectrum import HessianSpectrum
 from lifecycle.build import build_model
-from lifecycle.record import RECORD, read_record, update_record
+from lifecycle.job import JobRefused, job_lock
+from lifecycle.record import RECORD, RecordError, modify_record, plain, read_record
 from lightning_modules.data import ImageDataModule
 from measures.batches import load_rank_subset, split_batches
 from measures.hessian import hessian_density
@@ -55,12 +62,48 @@ def find_checkpoint(run_dir: Path, which: str) -> Path:
     return path
 
 
+class Refused(Exception):
+    """The run cannot be measured (exit status 2): the message says why and the way out."""
+
+
+def read_run(run_dir: Path) -> dict:
+    """The run's checked record; :class:`Refused` with :func:`read_record`'s message (which names the
+    field) if it fails its checks, or if it holds no config to rebuild the model from."""
+    try:
+        record = read_record(run_dir / RECORD)
+    except RecordError as e:
+        raise Refused(str(e)) from None
+    if not record.get("config"):
+        raise Refused(f"{run_dir}/{RECORD} has no config: is this a run directory of train.py?")
+    if not isinstance(record.get("checkpoint_measurements", {}), dict):
+        raise Refused(
+            f"{run_dir}/{RECORD}: field 'checkpoint_measurements' is not an object (expected: one result "
+            "per measurement name). Restore the record from a backup, or remove that field."
+        )
+    return record
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse before measuring if the results could not be saved (a read-only run directory)."""
+    for d in (run_dir, run_dir / "measurements"):
+        if not d.exists():
+            continue
+        try:
+            with tempfile.TemporaryFile(dir=d):
+                pass
+        except OSError as e:
+            raise Refused(
+                f"cannot write into {d} ({e.strerror}): the results would be lost after measuring. "
+                "Make it writable, or copy the run directory somewhere writable and measure the copy."
+            ) from None
+    record = run_dir / RECORD
+    if not os.access(record, os.W_OK):
+        raise Refused(f"cannot write {record}: the results would be lost after measuring. Make it writable.")
+
+
 def load_model(run_dir: Path, checkpoint: Path, float64: bool):
     """The run's network with the checkpoint's weights, its resolved config and the checkpoint's step."""
-    record = read_record(run_dir / RECORD)
-    if "config" not in record:
-        raise SystemExit(f"error: {run_dir}/{RECORD} has no config: is this a run directory of train.py?")
-    cfg = OmegaConf.create(record["config"])
+    cfg = OmegaConf.create(read_run(run_dir)["config"])
     net = build_model(cfg)
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state = saved["state_dict"]
@@ -145,6 +188,24 @@ def callback_settings(callbacks: dict, args: argparse.Namespace) -> tuple[dict, 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        read_run(args.run_dir)
+        check_writable(args.run_dir)
+        with job_lock(args.run_dir, why=MEASURING):
+            return measure(args)
+    except (Refused, JobRefused) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+MEASURING = (
+    "a run that is training, or being measured, is not measured at the same time (its checkpoint and "
+    "record change under the measurement). Wait for it to end, then measure again."
+)
+
+
+def measure(args: argparse.Namespace) -> int:
+    """Measure the checkpoint and save the results (the caller holds the job's lock)."""
     run_dir = args.run_dir
     ckpt = find_checkpoint(run_dir, args.checkpoint)
     net, cfg, step = load_model(run_dir, ckpt, args.float64)
@@ -224,10 +285,12 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": results,
     }
     out.write_text(json.dumps(result, indent=1))
-    record = read_record(run_dir / RECORD)
-    measured = record.get("checkpoint_measurements", {})
-    measured[name] = result
-    update_record(run_dir / RECORD, checkpoint_measurements=measured)
+    modify_record(
+        run_dir / RECORD,
+        lambda r: r.update(
+            checkpoint_measurements={**(r.get("checkpoint_measurements") or {}), name: plain(result)}
+        ),
+    )
     again = " (replacing the earlier result of the same settings)" if replaced else ""
     print(f"[measure] wrote {out} and results.json:checkpoint_measurements[{name!r}]{again}")
     return 0

@@ -6,7 +6,7 @@ An uninterrupted reference run first (LeNet-free MLP on the embedded digits, 3 e
 Hessian and attack measurements at every epoch end). Then, per trial, a fresh run directory and a
 fault drawn with a seeded generator: SIGINT, SIGTERM or SIGKILL, delivered in a chosen phase
 (after optimizer step k, at the start of the final epoch-end measurement, or in on_train_end)
-by ``SGD_FAULT`` (the FaultInjection callback). The same command is then re-run until the record
+by the config key ``fault=ACTION@POINT`` (the FaultInjection callback, a test tool). The same command is then re-run until the record
 says the job finished (at most twice). A trial passes when:
 
 - the faulted run's exit status and record say what happened (130 / 143 and ``interrupted`` for
@@ -41,10 +41,8 @@ EXPECTED = {"SIGINT": (130, "interrupted"), "SIGTERM": (143, "interrupted"), "SI
 
 def train(log_dir: Path, fault: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "SGD_LOG_DIR": str(log_dir), "WANDB_MODE": "disabled"}
-    env.pop("SGD_FAULT", None)
-    if fault:
-        env["SGD_FAULT"] = fault
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *ARGS], cwd=ROOT, env=env,
+    args = [*ARGS, f"fault={fault}"] if fault else ARGS
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)  # fmt: skip
 
 

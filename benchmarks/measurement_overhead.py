@@ -48,7 +48,6 @@ WITHOUT = ["~callbacks.hessian", "~callbacks.adversarial"]
 
 def run(args: list[str], log_dir: Path) -> tuple[float, dict]:
     env = {**os.environ, "SGD_LOG_DIR": str(log_dir), "WANDB_MODE": "disabled"}
-    env.pop("SGD_FAULT", None)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True)  # fmt: skip

@@ -1,4 +1,4 @@
-"""``FaultInjection``: deliver a signal, or raise, at a chosen point of training (for tests)."""
+"""``FaultInjection``: deliver a signal, or raise, at a chosen point of training (a test tool)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ ACTIONS = ("SIGINT", "SIGTERM", "SIGKILL", "raise")
 class FaultInjection(pl.Callback):
     """Interrupt the run in a chosen phase, as a scheduler, a user or a bug would.
 
-    The job lifecycle adds it (first in the callback list) when the environment variable
-    ``SGD_FAULT`` is set to ``ACTION@POINT`` (e.g. ``SIGTERM@batch:5``,
-    ``SIGKILL@final_measurement``, ``raise@batch:40``), so that a test or the fault-injection
-    benchmark hits the phase it names instead of sleeping and hoping; the run's config, and so
-    its directory and identity, stay those of the plain command.
+    A test tool, not a training setting. The job lifecycle adds it (first in the callback list)
+    when the config key ``fault`` is ``ACTION@POINT`` (``python train.py fault=SIGTERM@batch:5``,
+    ``fault=SIGKILL@final_measurement``, ``fault=raise@batch:40``), so that a test or the
+    fault-injection benchmark hits the phase it names instead of sleeping and hoping. ``fault``
+    is neither part of the run's identity (:data:`lifecycle.identity.NOT_TRAINING`) nor of its
+    directory name (``conf/hydra/default.yaml``), so re-running the plain command resumes the
+    faulted run.
 
     Args:
         action: ``SIGINT``, ``SIGTERM`` or ``SIGKILL`` (sent to this process) or ``raise``
@@ -39,7 +41,8 @@ class FaultInjection(pl.Callback):
         self.action, self.kind, self.step = action, kind, int(arg) if arg else None
 
     @classmethod
-    def from_env(cls, value: str) -> FaultInjection:
+    def parse(cls, value: str) -> FaultInjection:
+        """``ACTION@POINT`` (the config key ``fault``) as a callback."""
         action, _, point = value.partition("@")
         return cls(action, point)
 

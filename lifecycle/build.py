@@ -36,11 +36,22 @@ class BatchPlan:
 
 
 def _settings(cls, section: str, values):
-    """``cls(**values)``, a bad value reported under ``section``."""
+    """``cls(**values)``, a bad value reported under ``section``; an unknown key is named with the
+    allowed ones, and a value of the wrong type is a config error rather than a ``TypeError``."""
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        check(
+            key in allowed,
+            f"{section}.{key}",
+            values[key],
+            f"not a setting of {section} (allowed: {', '.join(allowed)})",
+        )
     try:
         return cls(**values)
     except ConfigError as e:
         raise e.under(section) from None
+    except TypeError as e:  # a comparison of a wrong type the dataclass does not check itself
+        raise ConfigError(section, dict(values), f"a value of the wrong type ({e})") from None
 
 
 def _world_size(cfg: DictConfig) -> int:
@@ -75,10 +86,10 @@ def validate(cfg: DictConfig, multirun: bool) -> BatchPlan:
         "must be an integer >= 1, or -1 for no step budget",
     )
     check(
-        not (t.max_epochs == -1 and t.max_steps == -1),
+        t.max_epochs != -1 or t.max_steps > 0,
         "trainer.max_epochs",
         t.max_epochs,
-        "-1 (no epoch limit) needs a step budget, trainer.max_steps >= 1: without either, training never ends",
+        "-1 (no epoch cap) needs trainer.max_steps > 0: otherwise the run trains without end",
     )
     _settings(AdversarialTraining, "adversarial_training", cfg.adversarial_training)
 

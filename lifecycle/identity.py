@@ -39,6 +39,7 @@ NOT_TRAINING = (
     "fresh",
     "accept_code_change",
     "threads",
+    "fault",
     "experiment_name",
     "data.num_workers",
     "data.data_dir",

@@ -20,9 +20,11 @@ import hashlib
 import os
 import re
 import string
+import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 SAFE = frozenset(string.ascii_letters + string.digits + "=,._+-")
 """Characters a name keeps as they are; every other character is percent-encoded."""
@@ -89,6 +91,11 @@ def check_inside(job_dir: str | os.PathLike, log_dir: str | os.PathLike) -> Path
     Compared after normalizing ``..`` (as Hydra does), without following symbolic links: a link
     the user placed inside the log directory is the user's choice.
     """
+    if not str(log_dir).strip():
+        raise RunDirError(
+            "paths.log_dir is empty: it is where every run and sweep directory goes "
+            "(an empty one would put them at the filesystem root). Give it a directory, or set SGD_LOG_DIR."
+        )
     job, root = Path(os.path.abspath(job_dir)), Path(os.path.abspath(log_dir))
     if root not in job.parents:
         raise RunDirError(
@@ -103,3 +110,37 @@ def register_resolvers() -> None:
     """Make ``${job_dirname:...}`` and ``${safe_name:...}`` available to Hydra configs (idempotent)."""
     OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
     OmegaConf.register_new_resolver("safe_name", safe_name, replace=True)
+
+
+class RunDirGuard(Callback):
+    """Refuse a run or sweep directory outside ``paths.log_dir`` before Hydra writes anything.
+
+    Hydra creates the job's directory (and sets up its ``train.log``) before it calls the task
+    function, so a check in the job itself comes too late: with ``paths.log_dir=''`` the directory
+    would already stand at the filesystem root. Hydra calls this callback (``hydra.callbacks`` in
+    ``conf/hydra/default.yaml``) once the config is composed and before any directory is made:
+    a single run's ``hydra.run.dir``, a sweep's ``hydra.sweep.dir``. A job directory of a sweep
+    (``hydra.sweep.subdir``) is checked by the job itself (:func:`lifecycle.job.run_job`).
+    The refusal exits with status 2, as the job's own refusals do.
+    """
+
+    @staticmethod
+    def _refuse_outside(config: DictConfig, key: str, suffix: str = "") -> None:
+        # Hydra sets this config as the current one right after this call (hydra.core.utils.run_job);
+        # the directory's ${hydra:job.override_dirname} needs it now. Hydra turns an exception raised
+        # here into a warning and goes on, so a refusal is an exit, the job's own exit status 2.
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(config)
+        job_dir = Path(str(OmegaConf.select(config, key))) / suffix
+        try:
+            check_inside(job_dir, config.paths.log_dir)
+        except RunDirError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._refuse_outside(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._refuse_outside(config, "hydra.sweep.dir", "job")  # a job's directory lies inside the sweep's

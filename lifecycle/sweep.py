@@ -15,7 +15,8 @@ Hydra reads them. Keys in ``hydra.job.config.override_dirname.exclude_keys`` (``
 - :func:`read_grid`: a ``multirun.yaml`` into the expected jobs (:class:`Grid`);
 - :func:`expand`: command-line style overrides into one override list per job;
 - :func:`job_key`: the identity of a job's override list (compare keys, not strings);
-- :func:`describe`: a job's overrides as one readable line.
+- :func:`describe`: a job's overrides as one readable line;
+- :func:`hydra_internals`: the one place that touches Hydra's private API (``hydra._internal``).
 
 Pure functions: nothing here runs a job or writes a file.
 """
@@ -23,6 +24,7 @@ Pure functions: nothing here runs a job or writes a file.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import json
 import math
@@ -31,13 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hydra as hydra_pkg
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 MULTIRUN = "multirun.yaml"
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 JobKey = frozenset[tuple[str, str]]
 """A job's identity: ``{(key with its ~/+ prefix and @package, canonical value)}``."""
@@ -45,6 +47,78 @@ JobKey = frozenset[tuple[str, str]]
 
 class SweepError(ValueError):
     """The overrides cannot be read, or the grid cannot be enumerated (its expected jobs are unknown)."""
+
+
+class HydraInternalsChanged(RuntimeError):
+    """Hydra's private API is not what :func:`hydra_internals` was written against (hydra-core 1.3.8)."""
+
+
+@dataclass(frozen=True)
+class HydraInternals:
+    """What this project takes from Hydra's private API, and nothing else.
+
+    Attributes:
+        basic_sweeper: the ``_target_`` Hydra records for its basic sweeper (its grid is the one we know).
+        basic_launcher: the ``_target_`` of the launcher that runs jobs one after another, in order.
+        config_loader: ``ConfigLoaderImpl``, called as ``config_loader(config_search_path=...)``.
+        search_path: ``ConfigSearchPathImpl``, called as ``search_path()`` then ``.append(provider=, path=)``.
+        split_arguments: ``BasicSweeper.split_arguments(overrides, max_batch_size)``: Hydra's own grid.
+    """
+
+    basic_sweeper: str
+    basic_launcher: str
+    config_loader: Any
+    search_path: Any
+    split_arguments: Any
+
+
+@functools.cache
+def hydra_internals() -> HydraInternals:
+    """Every use of Hydra's private API (``hydra._internal``) goes through here.
+
+    Hydra has no public way to name its default sweeper and launcher, nor to build a config loader
+    over a finished sweep's recorded config sources (to expand ``glob()`` the way the sweep did), so
+    we take them from ``hydra._internal``, which may change in any Hydra release. Everything taken
+    is checked here, once, so a Hydra that changed it fails with :class:`HydraInternalsChanged`
+    naming the private name and the installed Hydra version, instead of a wrong grid later on
+    (``tests/lifecycle/test_sweep.py`` calls this).
+    """
+
+    def changed(what: str, detail: str) -> HydraInternalsChanged:
+        return HydraInternalsChanged(
+            f"Hydra {hydra_pkg.__version__} changed its private API {what} ({detail}); "
+            "lifecycle.sweep.hydra_internals was written against hydra-core 1.3.8: adapt it, or install "
+            "hydra-core==1.3.8."
+        )
+
+    try:
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+        from hydra._internal.config_search_path_impl import ConfigSearchPathImpl
+        from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    except ImportError as e:
+        raise changed(f"hydra._internal ({e.name})", str(e)) from e
+    expected = {
+        "ConfigLoaderImpl.__init__": (ConfigLoaderImpl.__init__, {"config_search_path"}),
+        "ConfigSearchPathImpl.append": (getattr(ConfigSearchPathImpl, "append", None), {"provider", "path"}),
+        "BasicSweeper.split_arguments": (
+            getattr(BasicSweeper, "split_arguments", None),
+            {"overrides", "max_batch_size"},
+        ),
+    }
+    for name, (fn, params) in expected.items():
+        if fn is None:
+            raise changed(f"hydra._internal: {name}", "it is gone")
+        missing = params - set(inspect.signature(fn).parameters)
+        if missing:
+            raise changed(f"hydra._internal: {name}", f"it has no parameter {', '.join(sorted(missing))}")
+    return HydraInternals(
+        basic_sweeper=f"{BasicSweeper.__module__}.{BasicSweeper.__qualname__}",
+        basic_launcher=f"{BasicLauncher.__module__}.{BasicLauncher.__qualname__}",
+        config_loader=ConfigLoaderImpl,
+        search_path=ConfigSearchPathImpl,
+        split_arguments=BasicSweeper.split_arguments,
+    )
 
 
 @functools.cache
@@ -170,8 +244,9 @@ def describe(overrides: Iterable[str]) -> str:
 def grid_from_config(multirun: Mapping) -> Grid:
     """The expected jobs from a sweep's composed config (the contents of ``multirun.yaml``)."""
     hydra = multirun.get("hydra") or {}
-    target = (hydra.get("sweeper") or {}).get("_target_", BASIC_SWEEPER)
-    if target != BASIC_SWEEPER:
+    basic = hydra_internals().basic_sweeper
+    target = (hydra.get("sweeper") or {}).get("_target_", basic)
+    if target != basic:
         raise SweepError(f"sweeper {target}: only the basic sweeper's grid is known")
     dirname = ((hydra.get("job") or {}).get("config") or {}).get("override_dirname") or {}
     exclude = frozenset(dirname.get("exclude_keys") or [])
@@ -195,15 +270,14 @@ def read_grid(path: str | Path) -> Grid:
 
 def _config_loader(hydra: Mapping) -> Any:
     """Hydra's config loader over the sweep's recorded config sources (lists a group's options for glob())."""
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra._internal.config_search_path_impl import ConfigSearchPathImpl
     from hydra.core.plugins import Plugins
 
+    internals = hydra_internals()
     Plugins.instance()  # registers the config source types (file://, pkg://, structured://)
-    search_path = ConfigSearchPathImpl()
+    search_path = internals.search_path()
     for source in (hydra.get("runtime") or {}).get("config_sources") or []:
         search_path.append(provider=source["provider"], path=f"{source['schema']}://{source['path']}")
     try:
-        return ConfigLoaderImpl(config_search_path=search_path)
+        return internals.config_loader(config_search_path=search_path)
     except Exception as e:
         raise SweepError(f"cannot read the sweep's config sources to expand glob(): {e}") from e

@@ -93,14 +93,18 @@ class SGDConfig:
         check(
             _number(self.momentum) and 0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)"
         )
+        check(isinstance(self.nesterov, bool), "nesterov", self.nesterov, "must be true or false")
         check(
             not (self.nesterov and self.momentum == 0),
             "nesterov",
             self.nesterov,
             "Nesterov needs momentum > 0",
         )
+        check(_number(self.weight_decay), "weight_decay", self.weight_decay, "must be a number")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         check(self.schedule in SCHEDULES, "schedule", self.schedule, f"allowed: {', '.join(SCHEDULES)}")
+        for key in ("step_epochs", "gamma", "warmup_epochs"):
+            check(_number(getattr(self, key)), key, getattr(self, key), "must be a number")
         if self.schedule == "step":
             check(
                 self.step_epochs > 0 and 0 < self.gamma <= 1,
@@ -148,6 +152,7 @@ class AdversarialTraining:
     bn_mode: str = "eval"
 
     def __post_init__(self) -> None:
+        check(isinstance(self.enabled, bool), "enabled", self.enabled, "must be true or false")
         if not self.enabled:
             return
         check(
@@ -155,6 +160,8 @@ class AdversarialTraining:
         )
         check(self.norm in NORMS, "norm", self.norm, f"allowed: {', '.join(NORMS)}")
         check(_number(self.eps) and self.eps >= 0, "eps", self.eps, "must be >= 0")
-        check(0 <= self.fraction <= 1, "fraction", self.fraction, "must be in [0, 1]")
+        check(
+            _number(self.fraction) and 0 <= self.fraction <= 1, "fraction", self.fraction, "must be in [0, 1]"
+        )
         check(self.bn_mode in BN_MODES, "bn_mode", self.bn_mode, f"allowed: {', '.join(BN_MODES)}")
         check(isinstance(self.steps, int) and self.steps >= 1, "steps", self.steps, "must be an integer >= 1")

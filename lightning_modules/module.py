@@ -156,8 +156,10 @@ class SGDClassifier(pl.LightningModule):
             self.train_sums = self.train_sums.to(loss.device) + torch.stack(
                 [loss.detach() * len(y), correct, n]
             )
-        if batch_idx % self.trainer.log_every_n_steps == 0:
-            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+        # every batch: Lightning writes a row every log_every_n_steps optimizer steps, with the value of
+        # the latest call. Logging only at batch_idx % n == 0 wrote a stale loss (batch 10's at step 19),
+        # and nothing at all after a mid-epoch resume (the stale value died with the killed process).
+        self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
     def on_train_start(self) -> None:

@@ -1,7 +1,7 @@
 """Runs a researcher can trust: identity, every ending recorded, interruptions that leave one run.
 
-Faults are delivered at a named phase by ``SGD_FAULT=ACTION@POINT`` (the ``FaultInjection``
-callback the lifecycle adds), never by timed sleeps, so each test hits the phase it names. The
+Faults are delivered at a named phase by the config key ``fault=ACTION@POINT`` (the
+``FaultInjection`` callback the lifecycle adds; not part of the job's identity or directory), never by timed sleeps, so each test hits the phase it names. The
 resumed runs are compared with an uninterrupted run of the same BN-free model and seeds.
 """
 
@@ -63,7 +63,7 @@ def reference(tmp_path_factory):
 def test_signal_mid_epoch_is_recorded_and_the_same_command_resumes_to_the_uninterrupted_result(
     tmp_path, reference, sig, code
 ):
-    proc = run_train(BASE, tmp_path, env={"SGD_FAULT": f"{sig}@batch:40"}, check=False)
+    proc = run_train([*BASE, f"fault={sig}@batch:40"], tmp_path, check=False)
     assert proc.returncode == code, proc.stderr[-2000:]
     job, rec = only_record(tmp_path)
     assert rec["status"] == "interrupted" and sig in rec["error"]
@@ -82,7 +82,7 @@ def test_signal_mid_epoch_is_recorded_and_the_same_command_resumes_to_the_uninte
 def test_sigkill_late_in_training_the_rerun_measures_again_and_equals_the_uninterrupted_run(
     tmp_path, reference, point
 ):
-    proc = run_train(BASE, tmp_path, env={"SGD_FAULT": f"SIGKILL@{point}"}, check=False)
+    proc = run_train([*BASE, f"fault=SIGKILL@{point}"], tmp_path, check=False)
     assert proc.returncode == -9
     assert only_record(tmp_path)[1]["status"] == "running"  # SIGKILL leaves no word: the next run resumes
     run_train(BASE, tmp_path)
@@ -99,7 +99,7 @@ def test_sigkill_late_in_training_the_rerun_measures_again_and_equals_the_uninte
 
 def test_sweep_interrupted_by_sigterm_says_what_it_did_not_run_then_resumes(tmp_path):
     grid = ["-m", *NO_MEASURE, "model=mlp", "trainer.max_steps=6", "threads=1", "optimizer.lr=0.01,0.02"]
-    proc = run_train(grid, tmp_path, env={"SGD_FAULT": "SIGTERM@batch:3"}, check=False)
+    proc = run_train([*grid, "fault=SIGTERM@batch:3"], tmp_path, check=False)
     assert proc.returncode == 143
     assert "1 job(s) of this sweep did not run" in proc.stderr and "optimizer.lr=0.02" in proc.stderr
     assert [r["status"] for r in records(tmp_path).values()] == ["interrupted"]

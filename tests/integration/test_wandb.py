@@ -198,7 +198,7 @@ def test_a_csv_run_is_sent_later_once_by_wandb_sync_or_a_rerun_with_wandb(tmp_pa
 def test_a_resumed_offline_run_holds_every_epoch_once_in_its_newest_log(tmp_path):
     env = offline_env(tmp_path)
     args = [*SMALL, "~callbacks.adversarial", "logger=[csv,wandb]", "trainer.max_epochs=3"]
-    first = run_train(args, tmp_path, env={**env, "SGD_FAULT": "SIGTERM@batch:40"}, check=False)
+    first = run_train([*args, "fault=SIGTERM@batch:40"], tmp_path, env=env, check=False)
     assert first.returncode == 143, first.stderr[-2000:]  # interrupted in epoch 1, checkpoint after epoch 0
     run_train(args, tmp_path, env=env)
     ((name, record),) = records(tmp_path).items()

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import pytest
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from omegaconf import OmegaConf
 
-from lifecycle.sweep import Grid, SweepError, expand, grid_from_config, job_key, parse, read_grid
+from lifecycle import sweep
+from lifecycle.sweep import (
+    Grid,
+    SweepError,
+    expand,
+    grid_from_config,
+    hydra_internals,
+    job_key,
+    parse,
+    read_grid,
+)
 from tests.helpers import ROOT
 
 
@@ -52,7 +61,9 @@ def test_expansion_is_the_basic_sweepers():
         "optimizer.batch_size=128",  # a later value of one key replaces the earlier one
     ]
     jobs = expand(lines)
-    assert jobs == BasicSweeper.split_arguments(parse(lines), None)[0]  # Hydra's own list, string for string
+    assert (
+        jobs == hydra_internals().split_arguments(parse(lines), None)[0]
+    )  # Hydra's own list, string for string
     assert len(jobs) == 2 * 3 * 2 * 2
     assert {j[0] for j in jobs} == {"optimizer.lr=1000000.0", "optimizer.lr=0.01"}
     assert {j[1] for j in jobs} == {"seed=0", "seed=1", "seed=2"}
@@ -81,7 +92,7 @@ def multirun(params=None, task=(), exclude=("threads",), **extra) -> dict:
     return {
         "hydra": {
             "sweeper": {
-                "_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                "_target_": hydra_internals().basic_sweeper,
                 "params": params,
             },
             "overrides": {"task": list(task)},
@@ -132,3 +143,35 @@ def test_an_unreadable_multirun_yaml_raises_a_sweep_error(tmp_path):
     path.write_text("hydra:\n  sweeper: [unclosed\n")
     with pytest.raises(SweepError, match="cannot read"):
         read_grid(path)
+
+
+def test_hydras_private_api_is_what_hydra_internals_expects():
+    """Fails loudly, naming the private name and Hydra's version, when a Hydra release changes it."""
+    sweep.hydra_internals.cache_clear()
+    try:
+        internals = hydra_internals()
+    except sweep.HydraInternalsChanged as e:
+        pytest.fail(str(e))
+    assert internals.basic_sweeper == "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+    assert internals.basic_launcher == "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+    # and what it hands out works: a loader over this project's configs lists a group's options
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()
+    path = internals.search_path()
+    path.append(provider="main", path=f"file://{ROOT / 'conf'}")
+    loader = internals.config_loader(config_search_path=path)
+    assert "mlp" in loader.get_group_options("model")
+
+
+def test_a_changed_private_api_is_named_with_hydras_version(monkeypatch):
+    import hydra
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    sweep.hydra_internals.cache_clear()
+    monkeypatch.delattr(BasicSweeper, "split_arguments")
+    with pytest.raises(
+        sweep.HydraInternalsChanged, match=rf"Hydra {hydra.__version__} changed .*split_arguments"
+    ):
+        hydra_internals()
+    sweep.hydra_internals.cache_clear()
