@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from callbacks.adversarial_accuracy import AdversarialAccuracy
 from callbacks.hessian_spectrum import HessianSpectrum
+from callbacks.input_curvature import InputCurvature
 from lifecycle.build import build_model
 from lifecycle.job import JobRefused, job_lock
 from lifecycle.record import RECORD, RecordError, modify_record, plain, read_record
@@ -158,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="nested eps counting; --no-nested-eps: each eps on its own (default: the run's)",
     )
+    p.add_argument(
+        "--input-curvature",
+        action="store_true",
+        help="also the per-example input-Hessian eigenvalues at clean and PGD test points "
+        "(the run's input_curvature settings, else the callback's defaults)",
+    )
     p.add_argument("--tag", default="", help="a label in the result's name (<checkpoint>-<tag>-<hash>)")
     return p
 
@@ -210,7 +217,8 @@ def measure(args: argparse.Namespace) -> int:
     ckpt = find_checkpoint(run_dir, args.checkpoint)
     net, cfg, step = load_model(run_dir, ckpt, args.float64)
     h, a = callback_settings(OmegaConf.to_container(cfg.get("callbacks") or {}), args)
-    settings = measurement_settings(run_dir, ckpt, step, args, h, a)
+    ic = input_settings(cfg) if args.input_curvature else None
+    settings = measurement_settings(run_dir, ckpt, step, args, h, a, ic)
     name = result_name(ckpt, settings, args.tag)
     data_cfg = {k: v for k, v in OmegaConf.to_container(cfg.data).items() if k != "_target_"}
     dm = ImageDataModule(**data_cfg)
@@ -273,6 +281,9 @@ def measure(args: argparse.Namespace) -> int:
             + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("adv/") and "/eps" in k)
         )
 
+    if args.input_curvature:
+        results.update(measure_input_curvature(net, dm, ic, dtype))
+
     out = run_dir / "measurements" / f"{name}.json"
     out.parent.mkdir(exist_ok=True)
     replaced = out.exists()
@@ -296,8 +307,37 @@ def measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def input_settings(cfg) -> dict:
+    """The input-curvature callback's arguments: the run's own if it had the callback, else defaults."""
+    run = OmegaConf.to_container(cfg.get("callbacks") or {}).get("input_curvature") or {}
+    return {k: v for k, v in run.items() if k != "_target_"}
+
+
+def measure_input_curvature(net, dm, settings: dict, dtype) -> dict[str, float]:
+    """Per-example input curvature of the checkpoint on the callback's fixed test subset."""
+    ic = InputCurvature(**settings)
+    x, y, idx = load_rank_subset(dm.measurement_dataset("test"), ic.subset_size, ic.subset_seed, 0, 1)
+    print(f"[measure] input curvature: clean and PGD eps {ic.eps} on {len(x)} test samples ...")
+    with tqdm(desc="[measure] input curvature", unit="set", leave=False) as bar:
+
+        def progress(done: int, total: int, message: str) -> None:
+            bar.total, bar.n = total, done
+            bar.set_postfix_str(message)
+            bar.refresh()
+
+        metrics = ic.measure(net, x.to(dtype), y, idx, torch.arange(len(x)), len(x), progress=progress)
+    print("[measure] " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if not k.endswith("seconds")))
+    return metrics
+
+
 def measurement_settings(
-    run_dir: Path, ckpt: Path, step: int | None, args: argparse.Namespace, hessian: dict, attacks: dict
+    run_dir: Path,
+    ckpt: Path,
+    step: int | None,
+    args: argparse.Namespace,
+    hessian: dict,
+    attacks: dict,
+    input_curvature: dict | None = None,
 ) -> dict:
     """Everything that decides the measured values: which weights (checkpoint file and its training
     step), precision, and the effective Hessian and attack settings.
@@ -332,6 +372,8 @@ def measurement_settings(
         "attacks": None
         if not args.attacks
         else {**{k: v for k, v in attacks.items() if k not in skip}, "full_test": args.full_test},
+        # only when asked: results measured before this option keep their names
+        **({"input_curvature": input_curvature} if input_curvature is not None else {}),
     }
 
 

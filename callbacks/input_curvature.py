@@ -147,14 +147,19 @@ class InputCurvature(EpochEndMeasurement):
         idx: torch.Tensor,
         position: torch.Tensor,
         n: int,
+        progress=None,
     ) -> dict[str, float]:
-        """This rank's examples (``position``: their places in the fixed subset of ``n``), summed over ranks."""
+        """This rank's examples (``position``: their places in the fixed subset of ``n``), summed over
+        ranks. ``progress(done, total, message)`` is called after each point set of each batch (e.g.
+        measure.py's progress bar)."""
         start = time.perf_counter()
         per_set: dict[str, list[torch.Tensor]] = {}
         converged = True
         measured = copy.deepcopy(model).double().eval() if self.float64 else model
+        batches = split_batches(x, y, self.batch_size, extra=torch.stack([idx, position], 1))
+        total, done = len(batches) * len(self.set_names()), 0
         with preserved_module_state(model, mode="eval"):
-            for xb, yb, ib in split_batches(x, y, self.batch_size, extra=torch.stack([idx, position], 1)):
+            for xb, yb, ib in batches:
                 for name, points in self.point_sets(model, xb, yb, ib[:, 0]).items():
                     for j, p in enumerate(points):
                         r = input_curvature(
@@ -168,6 +173,9 @@ class InputCurvature(EpochEndMeasurement):
                         row[:, 1], row[:, 2] = r.top[:, 0], r.smallest
                         row[:, 3] = r.trace if r.trace is not None else 0.0
                         per_set.setdefault(name, []).append(row)
+                    done += 1
+                    if progress is not None:
+                        progress(done, total, f"{name}: {len(xb)} examples")
         metrics: dict[str, float] = {}
         flag = all_reduce_sum(torch.tensor([0.0 if converged else 1.0], dtype=torch.float64))
         for name in self.set_names():

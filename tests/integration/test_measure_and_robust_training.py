@@ -118,3 +118,26 @@ def test_final_attacks_at_the_end_of_training_and_on_the_checkpoint(tmp_path):
     assert "apgdce, apgdt" in out.stdout
     measure(str(run_dir), "--no-hessian", "--attacks", "--final-attacks")  # none: another result
     assert len(list((run_dir / "measurements").glob("last-*.json"))) == 2
+
+
+def test_input_curvature_on_the_checkpoint_equals_the_callbacks_final_measurement(tmp_path):
+    args = [*FAST, "model=mlp", "model.activation=softplus", "~callbacks.hessian", "~callbacks.adversarial",
+            "'callbacks=[default,input_curvature]'".strip("'"), "callbacks.input_curvature.subset_size=30",
+            "callbacks.input_curvature.pgd_steps=3", "trainer.max_epochs=1"]  # fmt: skip
+    run_train(args, tmp_path)
+    ((name, rec),) = records(tmp_path).items()
+    run_dir = tmp_path / "runs" / name
+    out = measure(str(run_dir), "--no-hessian", "--input-curvature")
+    assert "input curvature" in out.stdout
+    (path,) = (run_dir / "measurements").glob("last-*.json")
+    measured = json.loads(path.read_text())["metrics"]
+    keys = [k for k in rec["final"] if k.startswith("input/") and not k.endswith("seconds")]
+    assert len(keys) >= 10
+    # the same weights, samples, starts and precision (float64 copy); the PGD points are float32
+    # computations, whose rounding may differ with another process's thread count (~1e-7 relative)
+    for key in keys:
+        if key.endswith("frac_negative"):
+            assert abs(measured[key] - rec["final"][key]) <= 1 / 30 + 1e-12, key  # one example at most
+        else:
+            assert measured[key] == pytest.approx(rec["final"][key], rel=1e-6, abs=1e-12), key
+    assert rec["final"]["input/clean/frac_negative"] > 0  # softplus: negative input curvature
