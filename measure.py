@@ -41,7 +41,7 @@ from callbacks.adversarial_accuracy import AdversarialAccuracy
 from callbacks.hessian_spectrum import HessianSpectrum
 from callbacks.input_curvature import InputCurvature
 from lifecycle.build import build_model
-from lifecycle.job import JobRefused, job_lock
+from lifecycle.guards import JobRefused, job_lock
 from lifecycle.record import RECORD, RecordError, modify_record, plain, read_record
 from lightning_modules.data import ImageDataModule
 from measures.batches import load_rank_subset, split_batches

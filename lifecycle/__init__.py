@@ -13,6 +13,7 @@
 - :mod:`lifecycle.wandb_run`: what a job's W&B run holds (history axes, summary, group), live or
   sent later from its record (``wandb_sync.py``);
 - :mod:`lifecycle.summary`: the console summary;
+- :mod:`lifecycle.guards`: the job lock, signals recorded as an interruption, the identity check;
 - :mod:`lifecycle.job`: one job from start to record (fresh, resume, skip).
 
 ``train.py`` calls :func:`lifecycle.job.run_job`; ``measure.py``, ``report.py`` and ``wandb_sync.py``

@@ -30,10 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
-import os
 import shutil
-import signal
 import sys
 import time
 import traceback
@@ -50,7 +47,16 @@ from pytorch_lightning.utilities import rank_zero_only
 from callbacks.fault_injection import FaultInjection
 from lifecycle import sweep
 from lifecycle.build import Job, build_job
-from lifecycle.identity import changes, identity, provenance
+from lifecycle.guards import (
+    SIGNAL_EXIT,
+    Interrupted,
+    JobRefused,
+    check_identity,
+    checkpoint_step,
+    job_lock,
+    signals_recorded,
+)
+from lifecycle.identity import identity, provenance
 from lifecycle.loggers import build_loggers, finish_wandb, send_finished
 from lifecycle.record import (
     FINISHED,
@@ -67,21 +73,7 @@ from lightning_modules.config import ConfigError
 from lightning_modules.data import DataUnavailable
 from lightning_modules.models import has_batchnorm
 
-LOCK = "job.lock"
 EXIT_FAILED, EXIT_REFUSED = 1, 2
-SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
-
-
-class JobRefused(Exception):
-    """The job cannot start: a bad value, a changed identity, a lock held, an unreadable file."""
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM ended the job; ``signal_name`` says which."""
-
-    def __init__(self, signal_name: str):
-        super().__init__(f"{signal_name} received")
-        self.signal_name = signal_name
 
 
 def _overrides() -> list[str]:
@@ -91,119 +83,10 @@ def _overrides() -> list[str]:
         return []
 
 
-@contextlib.contextmanager
-def job_lock(out_dir: Path, why: str | None = None):
-    """Hold ``out_dir/job.lock`` for the job (``flock``: released by the kernel if the process dies).
-
-    Held by ``train.py`` while a job runs and by ``measure.py`` while it measures the job's
-    checkpoint; ``why`` says why the second of them is refused."""
-    path = out_dir / LOCK
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise JobRefused(
-                f"{out_dir} is being run by {holder}: "
-                + (
-                    why
-                    or "two launches of one job at the same time would write into one directory. Wait for "
-                    "it to end, or stop it; a job whose process died (even by SIGKILL) holds no lock and "
-                    "is resumed by the next run of the same command."
-                )
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.seek(0)
-            f.truncate()
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def signals_recorded(received: dict):
-    """Note SIGTERM/SIGINT in ``received``; outside Lightning turn them into :class:`Interrupted`.
-
-    Inside ``fit``/``validate`` Lightning handles both (it stops after the current batch; its
-    SIGTERM handler calls this one too, which then only takes note), so ``received["in_trainer"]``
-    is set around those calls.
-    """
-
-    def handler(signum, frame):
-        name = signal.Signals(signum).name
-        received.setdefault("signal", name)
-        if not received.get("in_trainer"):
-            raise Interrupted(name)
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt  # what Lightning expects from Ctrl-C
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def _checkpoint_step(path: Path) -> int:
-    """The optimizer step a checkpoint was written at; an unreadable file is refused with a way out."""
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
-    except Exception as e:
-        raise JobRefused(
-            f"{path} cannot be read ({type(e).__name__}: {e}). It is the point this job resumes from; "
-            "fresh=true trains the job again from the start (its record is replaced)."
-        ) from None
-
-
 def _cause(e: Exception) -> str:
     """The error behind Hydra's instantiation wrapper, as ``Type: message``."""
     cause = e.__cause__ or e
     return f"{type(cause).__name__}: {cause}"
-
-
-def _check_identity(previous: dict, now: dict, cfg: DictConfig, out_dir: Path) -> dict | None:
-    """Refuse a re-run whose result would not belong to the recorded one; returns an accepted code change."""
-    before = previous.get("identity")
-    if not before:
-        return None
-    finished = previous.get("status") in FINISHED
-    trained = changes(before.get("training", {}), now["training"])
-    if trained:
-        raise JobRefused(
-            f"{out_dir} holds a {'finished' if finished else 'started'} run of a different training config:\n    "
-            + "\n    ".join(trained)
-            + "\nfresh=true trains this job again in place (the old result is deleted); to keep both, give the "
-            "new one its own directory with an extra override, e.g. +variant=new."
-        )
-    measured = changes(before.get("measurement", {}), now["measurement"])
-    if measured:
-        hint = (
-            f"re-measure its checkpoint instead of retraining: python measure.py {out_dir} (see --help)"
-            if finished
-            else "resume it with the settings it started with, or fresh=true to start over with the new ones"
-        )
-        raise JobRefused(
-            f"{out_dir} holds a run measured with other settings:\n    "
-            + "\n    ".join(measured)
-            + f"\n{hint}."
-        )
-    if before.get("code") != now["code"]:
-        if not cfg.get("accept_code_change"):
-            raise JobRefused(
-                f"{out_dir} holds a run made by other code (code hash {before.get('code')}, now {now['code']}: "
-                "measures/, lightning_modules/, callbacks/, lifecycle/ or train.py changed). Its result may not "
-                "be what this code computes. fresh=true trains it again; accept_code_change=true "
-                + ("reports it as it is" if finished else "resumes it with this code")
-                + " and records that you accepted the change."
-            )
-        return {"from": before.get("code"), "to": now["code"], "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    return None
 
 
 def _start_segment(record_path, cfg, now, plan, resume, resume_step, accepted, start) -> None:
@@ -332,11 +215,11 @@ def _run_locked(job: _Job) -> JobOutcome:
     if job.cfg.fresh and job.rank_zero:
         previous = _start_fresh(job)
     now = identity(job.cfg)
-    accepted = _check_identity(previous, now, job.cfg, job.out_dir)
+    accepted = check_identity(previous, now, job.cfg, job.out_dir)
     if previous.get("status") in FINISHED:
         return _report_finished(job, previous, accepted)
     resume = job.last_ckpt if job.last_ckpt.exists() else None
-    resume_step = _checkpoint_step(resume) if resume else -1
+    resume_step = checkpoint_step(resume) if resume else -1
     trainer = _prepare_trainer(job, built, resume_step)
     if job.rank_zero:
         _save_hydra_files(job)

@@ -23,7 +23,8 @@ import pytest
 from omegaconf import OmegaConf
 
 import measure
-from lifecycle.job import JobRefused, _check_identity, read_previous
+from lifecycle.guards import JobRefused, check_identity
+from lifecycle.job import read_previous
 from lifecycle.record import RECORD, read_record, update_record
 from lifecycle.summary import summarize
 from tests.helpers import FAST, ROOT, run_train
@@ -75,7 +76,7 @@ def test_every_damaged_field_is_read_or_refused_by_name_by_the_rerun_and_by_meas
             assert field in str(e), (where, str(e))
             outcomes["refused"] += 1
         else:
-            _check_identity(previous, record["identity"], cfg, job)  # what a re-run of it does
+            check_identity(previous, record["identity"], cfg, job)  # what a re-run of it does
             assert "[train] status:" in summarize(previous, job), where
             outcomes["read"] += 1
         try:

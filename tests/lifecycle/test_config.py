@@ -59,7 +59,7 @@ BAD = [
     (["data.name=svhn"], "data.name='svhn'", "mnist5k, mnist, fashion_mnist, cifar10, cifar100"),
     (["trainer=ddp_spawn", "optimizer.batch_size=127"], "optimizer.batch_size=127", "across 2 devices"),
     (["trainer.max_epochs=0"], "trainer.max_epochs=0", ">= 1"),
-    (["trainer.max_epochs=-1"], "trainer.max_epochs=-1", "needs a step budget, trainer.max_steps >= 1"),
+    (["trainer.max_epochs=-1"], "trainer.max_epochs=-1", "needs trainer.max_steps > 0"),
 ]
 
 
