@@ -1,4 +1,4 @@
-"""λ1, test and robust accuracy against batch size: per (lr rule, momentum, training), the largest
+"""λ1, test and robust accuracy against batch size: per (lr rule, momentum, training, activation), the largest
 batch size of the cell against its smallest (the grid's, whichever reached its target)."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def verdicts(df: pd.DataFrame, th: Thresholds) -> tuple[list[dict], list[str]]:
     notes = [] if rcol else [f"robust accuracy verdicts skipped: {why}"]
     metrics = BASE_METRICS + ([("robust_acc", rcol, "points")] if rcol else [])
     rows = []
-    for fixed, cell in cells(df, ["lr_rule", "momentum", "training"]):
+    for fixed, cell in cells(df, ["lr_rule", "momentum", "training", "activation"]):
         sizes = sorted(cell["batch_size"].dropna().unique())
         if len(sizes) < 2:
             continue

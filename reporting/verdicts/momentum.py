@@ -24,7 +24,7 @@ def verdicts(df: pd.DataFrame, th: Thresholds) -> tuple[list[dict], list[str]]:
             return [], [f"momentum verdicts skipped: the runs do not have both momentum {lo:g} and {hi:g}"]
         return [], []
     rows = []
-    for fixed, cell in cells(df, ["lr_rule", "training", "batch_size"]):
+    for fixed, cell in cells(df, ["lr_rule", "training", "activation", "batch_size"]):
         if not all(cell["momentum"].map(lambda x, m=m: same(x, m)).any() for m in (lo, hi)):
             continue  # the grid has no such pair here (a point whose runs failed still counts)
         sub = completed(df, cell)

@@ -19,7 +19,7 @@ def verdicts(df: pd.DataFrame, th: Thresholds) -> tuple[list[dict], list[str]]:
     if not {"natural", "adversarial"} <= set(df["training"]):
         return [], []
     rows = []
-    for fixed, cell in cells(df, ["lr_rule", "momentum", "batch_size"]):
+    for fixed, cell in cells(df, ["lr_rule", "momentum", "activation", "batch_size"]):
         if not {"natural", "adversarial"} <= set(cell["training"]):
             continue
         sub = completed(df, cell)

@@ -50,3 +50,20 @@ def test_relu_holds_softplus_fails_and_unconverged_or_single_seeds_are_untestabl
     assert verdict("input_lambda_max clean", "relu") == "rises"  # 0.5 -> 1.5 at B 32 -> 256
     assert (sweep / "report" / "input_curvature.png").stat().st_size > 10_000
     assert "activation" in pd.read_csv(sweep / "report" / "runs.csv")
+
+
+def test_batch_size_verdicts_do_not_mix_activations(tmp_path):
+    recs = [saddle_record(b, s, act, 0.0, 1.0, robust) for s in (0, 1)
+            for act, b, robust in (("relu", 32, 0.8), ("relu", 256, 0.5), ("softplus", 32, 0.6), ("softplus", 256, 0.6))]  # fmt: skip
+    sweep = tmp_path / "sweep"
+    write(sweep, recs)
+    assert report.main([str(sweep)]) == 0
+    import pandas as pd
+
+    table = pd.read_csv(sweep / "report" / "verdicts.csv")
+    robust = table[(table["kind"] == "batch_size") & (table["metric"] == "robust_acc")]
+    # ReLU loses 30 points from B=32 to B=256, softplus none: two verdicts, not one blurred mean
+    assert dict(zip(robust["activation"], robust["verdict"], strict=True)) == {
+        "relu": "falls",
+        "softplus": "flat",
+    }
