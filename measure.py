@@ -3,6 +3,7 @@
     python measure.py outputs/runs/default                       # last.ckpt, settings of the run
     python measure.py RUN_DIR --checkpoint best --subset 5000 --k 5 --float64 --trace --density
     python measure.py RUN_DIR --attacks --full-test --eps 0 0.05 0.1 0.2 0.3 --pgd-steps 40
+    python measure.py RUN_DIR --operator ggn --blocks module --trace --trace-method hutchpp  # GGN per layer
     python measure.py RUN_DIR --no-hessian --attacks --final-attacks apgdce apgdt   # + AutoAttack's APGD
 
 Uses the run's own resolved config (``results.json``) to rebuild the model and data, loads the
@@ -38,13 +39,14 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from callbacks.adversarial_accuracy import AdversarialAccuracy
-from callbacks.hessian_spectrum import HessianSpectrum
+from callbacks.hessian_spectrum import TRACE_METHODS, HessianSpectrum
 from callbacks.input_curvature import InputCurvature
 from lifecycle.build import build_model
 from lifecycle.guards import JobRefused, job_lock
 from lifecycle.record import RECORD, RecordError, modify_record, plain, read_record
 from lightning_modules.data import ImageDataModule
 from measures.batches import load_rank_subset, split_batches
+from measures.curvature import OPERATORS
 from measures.hessian import hessian_density
 from measures.linalg import LanczosProgress
 from measures.module_state import gradients_enabled, preserved_module_state
@@ -132,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="what tol applies to: the estimated eigenvalue error or the residual (default: the run's)",
     )
+    p.add_argument(
+        "--operator",
+        choices=OPERATORS,
+        default=None,
+        help="curvature operator (logged under its name, e.g. ggn/lambda_1; default: the run's Hessian)",
+    )
+    p.add_argument("--blocks", nargs="+", default=None, help="per-layer curvature: module, or name patterns")
+    p.add_argument("--trace-method", choices=TRACE_METHODS, default=None, help="hutchinson | hutchpp")
     p.add_argument("--float64", action="store_true", help="measure in float64")
     p.add_argument("--trace", action="store_true", help="also the Hutchinson trace")
     p.add_argument("--density", action="store_true", help="also the eigenvalue density (SLQ) and its plot")
@@ -180,6 +190,7 @@ def callback_settings(callbacks: dict, args: argparse.Namespace) -> tuple[dict, 
         }
     )
     h["trace"] = args.trace or h.get("trace", False)
+    h.update(curvature_settings(args))
     a = {k: v for k, v in callbacks.get("adversarial", {}).items() if k != "_target_"}
     a.setdefault("nested_eps", True)  # runs made before nested eps: what the callback now does
     given = (
@@ -191,6 +202,18 @@ def callback_settings(callbacks: dict, args: argparse.Namespace) -> tuple[dict, 
     )
     a.update({k: v for k, v in given if v is not None})
     return h, a
+
+
+def curvature_settings(args: argparse.Namespace) -> dict:
+    """--operator (its own prefix), --blocks and --trace-method as HessianSpectrum's arguments."""
+    out = {}
+    if args.operator not in (None, "hessian"):
+        out.update(operator=args.operator, prefix=args.operator)
+    if args.blocks:
+        out["blocks"] = "module" if args.blocks == ["module"] else list(args.blocks)
+    if args.trace_method:
+        out["trace_method"] = args.trace_method
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,7 +253,7 @@ def measure(args: argparse.Namespace) -> int:
     if not args.no_hessian:
         spectrum = HessianSpectrum(**h)
         ds = dm.measurement_dataset("train")
-        x, y, _ = load_rank_subset(ds, spectrum.subset_size, spectrum.subset_seed, 0, 1)
+        x, y, idx = load_rank_subset(ds, spectrum.subset_size, spectrum.subset_seed, 0, 1)
         print(
             f"[measure] Hessian: top-{spectrum.k} on {len(x)} training samples (BatchNorm {spectrum.bn_mode}) ..."
         )
@@ -240,7 +263,8 @@ def measure(args: argparse.Namespace) -> int:
                 bar.update(1)
                 bar.set_postfix_str(f"est. error {p.rel_error:.1e} of |λ_1| (stops at {p.tol:g})")
 
-            results.update(spectrum.measure(net, torch.nn.functional.cross_entropy, x.to(dtype), y, progress))
+            loss = torch.nn.functional.cross_entropy
+            results.update(spectrum.measure(net, loss, x.to(dtype), y, progress, idx=idx))
         print(
             "[measure] "
             + "  ".join(f"{k} {v:.6g}" for k, v in results.items() if "lambda" in k or "trace" in k)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import time
 from collections.abc import Callable
 
@@ -14,8 +16,9 @@ from torch import nn
 from callbacks.epoch_measurement import EpochEndMeasurement
 from lightning_modules.config import BN_MODES, ConfigError, check
 from measures.batches import load_rank_subset, split_batches
-from measures.estimators import hutchinson_trace
-from measures.hessian import HessianOperator
+from measures.blocks import block_spectra, parameter_blocks
+from measures.curvature import OPERATORS, curvature_operator
+from measures.estimators import hutchinson_trace, hutchpp_trace
 from measures.linalg import (
     STOPS,
     LanczosProgress,
@@ -27,6 +30,9 @@ from measures.module_state import gradients_enabled, preserved_module_state
 
 TRACE_MIN_SAMPLES = 10
 """Hutchinson samples drawn before the trace's stop rule is first checked."""
+TRACE_METHODS = ("hutchinson", "hutchpp")
+HUTCHPP_SKETCH = 10
+"""Hutch++'s sketch (``trace_method=hutchpp``): 2 x 10 products before its Hutchinson samples."""
 
 
 class HessianSpectrum(EpochEndMeasurement):
@@ -46,6 +52,17 @@ class HessianSpectrum(EpochEndMeasurement):
         hessian/trace_converged                 1.0 if the trace reached ``trace_rtol`` (with ``trace``)
         hessian/warm                            1.0 if Lanczos started from the previous Ritz vectors
         hessian/n_hvp, hessian/seconds          cost of this measurement
+        hessian/layer/<block>/lambda_1          per block (``blocks``): top eigenvalue of its diagonal
+        hessian/layer/<block>/trace             block, and (with ``trace``) its trace; hessian/layer_n_hvp
+
+    **Operator** (``operator``): the loss Hessian (default), or the generalized Gauss-Newton
+    (``ggn``), the empirical Fisher (``ef``), the Monte-Carlo Fisher with labels drawn from the
+    model (``fisher``, one draw per sample, seeded by the sample's index), or Hessian - GGN
+    (``functional``): :mod:`measures.curvature`. A second instance with another ``prefix`` measures
+    another operator beside the Hessian (``conf/callbacks/ggn.yaml``: ``'callbacks=[default,ggn]'``).
+    **Blocks** (``blocks``): ``module`` (one block per layer) or patterns on parameter names
+    (a list, or ``{name: regex}``); each block's diagonal block (the other parameters fixed) gets
+    its top eigenvalue and trace in the same measurement (:func:`measures.blocks.block_spectra`).
 
     The Hessian is that of the data loss alone (``pl_module.loss_fn``, else cross-entropy; no
     weight decay: with ``weight_decay=wd`` the optimizer's objective adds ``wd`` to every
@@ -98,6 +115,9 @@ class HessianSpectrum(EpochEndMeasurement):
         float64: measure on a float64 copy of the network (``pl_module.net``): a reference, several
             times slower on CPU.
         trace, trace_rtol, trace_max_samples: Hutchinson trace and its stop.
+        trace_method: ``hutchinson`` or ``hutchpp`` (Hutch++: a 10-vector sketch, then Hutchinson
+            on the rest; the same stop).
+        operator, blocks: see above (null blocks: none).
         bn_mode: "eval" (default, paper B: running statistics, so the loss is a fixed sum over
             samples, identical on any device count) or "train" (per-batch statistics of
             ``batch_size`` samples).
@@ -129,6 +149,9 @@ class HessianSpectrum(EpochEndMeasurement):
         prefix: str = "hessian",
         progress_after_s: float | None = 5.0,
         every_n_steps: int | None = None,
+        operator: str = "hessian",
+        blocks: str | list | dict | None = None,
+        trace_method: str = "hutchinson",
     ):
         super().__init__(every_n_epochs, at_end, prefix, every_n_steps)
         check(isinstance(k, int) and k >= 1, "k", k, "must be an integer >= 1")
@@ -174,6 +197,24 @@ class HessianSpectrum(EpochEndMeasurement):
             progress_after_s,
             "must be >= 0 or null (never)",
         )
+        check(operator in OPERATORS, "operator", operator, f"allowed: {', '.join(OPERATORS)}")
+        check(
+            trace_method in TRACE_METHODS,
+            "trace_method",
+            trace_method,
+            f"allowed: {', '.join(TRACE_METHODS)}",
+        )
+        if hasattr(blocks, "keys") or (hasattr(blocks, "__iter__") and not isinstance(blocks, str)):
+            blocks = (
+                dict(blocks) if hasattr(blocks, "keys") else list(blocks)
+            )  # Hydra's DictConfig / ListConfig
+        check(
+            blocks is None or blocks == "module" or (isinstance(blocks, list | dict) and len(blocks) > 0),
+            "blocks",
+            blocks,
+            "must be null, 'module', a list of patterns or a dict name -> pattern",
+        )
+        self.operator, self.blocks, self.trace_method = operator, blocks, trace_method
         self.subset_size, self.subset_seed = subset_size, subset_seed
         self.batch_size, self.k, self.smallest = batch_size, k, smallest
         self.tol, self.stop, self.max_iter = tol, stop, max_iter
@@ -182,7 +223,7 @@ class HessianSpectrum(EpochEndMeasurement):
         self.trace, self.trace_rtol, self.trace_max_samples = trace, trace_rtol, trace_max_samples
         self.bn_mode, self.seed = bn_mode, seed
         self.progress_after_s = progress_after_s
-        self._data: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._data: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # warm start: the previous measurement's combined Ritz vector (float64, CPU), the product
         # count of the last cold measurement, and whether the next one must be cold
         self._start: torch.Tensor | None = None
@@ -198,13 +239,15 @@ class HessianSpectrum(EpochEndMeasurement):
         y: torch.Tensor,
         progress: Callable[[LanczosProgress], None] | None = None,
         where: str = "",
+        idx: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """Spectrum (and trace) of ``loss_fn(model(x), y)`` on this rank's ``(x, y)``, in ``bn_mode``.
 
         Warm-starts from the previous call's Ritz vectors when ``warm_start`` (see the class);
         ``progress`` receives each Lanczos step (:class:`~measures.linalg.LanczosProgress`). A
         measurement short of its stop is warned about (:meth:`convergence_warnings`), ``where``
-        (e.g. "epoch 3") saying which one.
+        (e.g. "epoch 3") saying which one. ``idx``: the samples' dataset indices (the MC Fisher's
+        draws; default their positions).
         """
         start_time = time.perf_counter()
         if self.float64:
@@ -212,7 +255,9 @@ class HessianSpectrum(EpochEndMeasurement):
             x = x.double()
         with gradients_enabled(), preserved_module_state(model, mode=self.bn_mode):
             # one operator for both: the forward pass and first backward are cached once
-            op = HessianOperator(model, loss_fn, split_batches(x, y, self.batch_size))
+            idx = torch.arange(len(x)) if idx is None else idx
+            batches = split_batches(x, y, self.batch_size, idx.to(x.device))
+            op = curvature_operator(self.operator, model, loss_fn, batches, seed=self.seed)
             start = self._start if self.warm_start and not self._next_cold else None
             if start is not None and start.shape != (op.dim,):
                 start = None  # another model: start cold
@@ -231,13 +276,23 @@ class HessianSpectrum(EpochEndMeasurement):
                 )
                 tr = None
                 if self.trace:
-                    tr = hutchinson_trace(
+                    estimator = hutchinson_trace
+                    if self.trace_method == "hutchpp":
+                        estimator = functools.partial(hutchpp_trace, sketch=HUTCHPP_SKETCH)
+                    tr = estimator(
                         op,
                         rtol=self.trace_rtol,
                         min_samples=TRACE_MIN_SAMPLES,
                         max_samples=self.trace_max_samples,
                         seed=self.seed,
                     )
+                layers = None
+                if self.blocks is not None:
+                    layers = block_spectra(
+                        op, parameter_blocks(model, self.blocks), tol=self.tol, max_iter=self.max_iter,
+                        seed=self.seed, trace=self.trace, trace_rtol=self.trace_rtol,
+                        min_samples=TRACE_MIN_SAMPLES, max_samples=self.trace_max_samples,
+                    )  # fmt: skip
             finally:
                 op.release()
         if self.warm_start:
@@ -254,6 +309,9 @@ class HessianSpectrum(EpochEndMeasurement):
         if tr is not None:
             metrics[f"{p}/trace"], metrics[f"{p}/trace_stderr"] = tr.trace, tr.stderr
             metrics[f"{p}/trace_converged"] = float(tr.converged)
+        for name, values in (layers or {}).items():
+            metrics.update({f"{p}/layer/{name}/{k}": v for k, v in values.items() if k != "n_hvp"})
+            metrics[f"{p}/layer_n_hvp"] = values["n_hvp"]
         metrics[f"{p}/n_hvp"] = float(op.n_hvp)
         metrics[f"{p}/seconds"] = time.perf_counter() - start_time
         for message in self.convergence_warnings(metrics, eig.converged, where):
@@ -296,6 +354,8 @@ class HessianSpectrum(EpochEndMeasurement):
             f"the model has {dim} parameters, so the Hessian has {dim} eigenvalues "
             f"(k + smallest = {n} asked)",
         )
+        if self.blocks is not None:
+            parameter_blocks(model, self.blocks)  # refuses patterns that match nothing, naming them
         size = self.split_size(datamodule, "train")
         check(
             self.subset_size is None or size is None or self.subset_size <= size,
@@ -321,7 +381,7 @@ class HessianSpectrum(EpochEndMeasurement):
         if stage != "fit" or self._data is not None:
             return
         dataset = self.measurement_dataset(trainer, "train")
-        x, y, _ = load_rank_subset(
+        x, y, idx = load_rank_subset(
             dataset, self.subset_size, self.subset_seed, trainer.global_rank, trainer.world_size
         )
         if self.float64 and not isinstance(getattr(pl_module, "net", None), nn.Module):
@@ -330,16 +390,17 @@ class HessianSpectrum(EpochEndMeasurement):
                 True,
                 f"needs the network as {type(pl_module).__name__}.net (to measure a float64 copy)",
             )
-        self._data = (x, y)
+        self._data = (x, y, idx)
         rank_zero_info(
-            f"[HessianSpectrum] top-{self.k} eigenvalues on {min(self.subset_size or len(dataset), len(dataset))} "
+            f"[HessianSpectrum:{self.prefix}] top-{self.k} {self.operator} eigenvalues"
+            f"{f' (and per layer: {self.blocks})' if self.blocks is not None else ''} on {min(self.subset_size or len(dataset), len(dataset))} "
             f"fixed training samples (BatchNorm in {self.bn_mode} mode) {self.schedule}, "
             f"to {self.tol:g} of |λ_1| ({self.stop} stop{', warm-started' if self.warm_start else ''})"
         )
 
     def measure_module(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         param = next(pl_module.parameters())
-        x, y = (t.to(param.device) for t in self._data)
+        x, y, idx = (t.to(param.device) for t in self._data)
         loss_fn = getattr(pl_module, "loss_fn", None) or nn.functional.cross_entropy
         model = pl_module.net if self.float64 else pl_module  # a copy of the network is converted
         progress = None
@@ -348,7 +409,7 @@ class HessianSpectrum(EpochEndMeasurement):
             label = f"[{name}] epoch {trainer.current_epoch}"
             progress = ProgressLines(label, rank_zero_info, after_s=self.progress_after_s)
         return self.measure(
-            model, loss_fn, x.to(param.dtype), y, progress=progress, where=f"epoch {trainer.current_epoch}"
+            model, loss_fn, x.to(param.dtype), y, progress, f"epoch {trainer.current_epoch}", idx
         )
 
     def state_dict(self) -> dict:
@@ -364,3 +425,24 @@ class HessianSpectrum(EpochEndMeasurement):
         self._next_cold = bool(state_dict.get("next_cold", False))
         start = state_dict.get("start_vector")
         self._start = None if start is None else start.to("cpu", torch.float64)
+
+
+class GGNSpectrum(HessianSpectrum):
+    """:class:`HessianSpectrum` with other defaults: the generalized Gauss-Newton, logged as ``ggn/*``,
+    with its trace and per-layer blocks (``conf/callbacks/ggn.yaml``; ``'callbacks=[default,ggn]'``
+    adds it beside the Hessian). Takes the same arguments, by name."""
+
+    DEFAULTS = {"prefix": "ggn", "operator": "ggn", "trace": True, "blocks": "module"}
+
+    def __init__(self, **kwargs):
+        super().__init__(**{**self.DEFAULTS, **kwargs})
+
+
+GGNSpectrum.__init__.__signature__ = inspect.signature(HessianSpectrum.__init__).replace(
+    parameters=[
+        p.replace(default=GGNSpectrum.DEFAULTS.get(p.name, p.default), kind=p.KEYWORD_ONLY)
+        if p.name != "self"
+        else p
+        for p in inspect.signature(HessianSpectrum.__init__).parameters.values()
+    ]
+)

@@ -54,3 +54,20 @@ def test_the_same_settings_get_the_same_name():
 def test_a_tag_is_part_of_the_name():
     tagged = name("--tag", "fp64 check")
     assert tagged.startswith("last-fp64_check-") and tagged.endswith(name().removeprefix("last-"))
+
+
+def test_curvature_options_become_callback_arguments():
+    from measure import build_parser, curvature_settings
+
+    args = build_parser().parse_args(
+        ["run", "--operator", "ggn", "--blocks", "module", "--trace-method", "hutchpp"]
+    )
+    assert curvature_settings(args) == {
+        "operator": "ggn",
+        "prefix": "ggn",
+        "blocks": "module",
+        "trace_method": "hutchpp",
+    }
+    args = build_parser().parse_args(["run", "--blocks", "conv", "fc"])
+    assert curvature_settings(args) == {"blocks": ["conv", "fc"]}
+    assert curvature_settings(build_parser().parse_args(["run"])) == {}  # old results keep their names

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from reporting.runs import NOT_AT_TARGET, at_target
-from reporting.verdicts import batch_size, momentum, saddle_free, training
+from reporting.verdicts import batch_size, ggn_share, momentum, saddle_free, training
 from reporting.verdicts.base import (
     COLUMNS,
     ROBUST_ATTACKS,
@@ -39,7 +39,7 @@ __all__ = [
     "write_verdicts",
 ]
 
-STUDIES = (batch_size, momentum, training, saddle_free)
+STUDIES = (batch_size, momentum, training, saddle_free, ggn_share)
 
 
 def verdicts(df: pd.DataFrame, th: Thresholds | None = None) -> tuple[pd.DataFrame, list[str]]:
