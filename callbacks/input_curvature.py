@@ -46,6 +46,21 @@ class InputCurvature(EpochEndMeasurement):
     the points the network itself (float32) gives: a confidently classified example's input
     Hessian is tiny (softmax saturation), and float32 rounding then produces spurious negative
     eigenvalues a fair fraction of its λ_max, which ``frac_negative`` would count.
+
+    Args:
+        every_n_epochs, every_n_steps, at_end, prefix: when to measure and the metric namespace
+            (:class:`~callbacks.epoch_measurement.EpochEndMeasurement`); with both intervals null,
+            only the final weights are measured.
+        subset_size, subset_seed: the fixed test samples (null: the whole test set).
+        batch_size: examples per batched product.
+        k: top eigenvalues per example (the first is summarized); λ_min is always measured.
+        trace: also the exact trace per example (one product per input value).
+        tol, max_iter: the Lanczos stop (estimated error within ``tol · |λ_max|``) and step cap.
+        neg_tol: ``frac_negative`` counts λ_min < −neg_tol · λ_max.
+        eps, pgd_steps, pgd_step_size: the L∞ PGD points (step size null: 2.5·eps/steps).
+        along_path: also every PGD iterate, pooled.
+        float64: eigenvalues of a float64 copy of the network (above).
+        seed: the PGD starts' seed (the adversarial callback's, for the same starts).
     """
 
     def __init__(

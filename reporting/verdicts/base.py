@@ -125,7 +125,9 @@ def compare(cell: pd.DataFrame, vary: str, lo, hi, col: str, measure: str, th: T
         if math.isfinite(r):
             values.append(r)
     few = [v for v in (lo, hi) if counts[v] < th.min_seeds]
-    if few:
+    if cell[col].isna().all():
+        verdict, reason = "untestable", f"no run of this cell measured {col}"
+    elif few:
         verdict = "untestable"
         reason = (
             "; ".join(
