@@ -163,9 +163,12 @@ def contour(ax, arrays: dict, s: str, meta: dict, title: str | None = None) -> N
 
 
 def _run_title(meta: dict) -> str:
-    return (
+    import textwrap
+
+    return textwrap.fill(
         f"{meta.get('run', '')}  {meta.get('checkpoint', '')}: loss on {meta.get('n_samples', '?')} "
-        f"training samples, BatchNorm {meta.get('mode', '?')} mode"
+        f"training samples, BatchNorm {meta.get('mode', '?')} mode",
+        110,
     )
 
 
