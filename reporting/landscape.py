@@ -277,7 +277,7 @@ def figure_densities(found: pd.DataFrame, out: Path) -> Path | None:
         ax.legend(fontsize=8)
     axes[0].set_ylabel("density (log)")
     fig.suptitle(
-        f"Hessian eigenvalue density (SLQ), Gaussian broadening σ = {sigma:.3g} (1% of the range of all runs)",
+        f"Hessian eigenvalue density (SLQ)\nGaussian broadening σ = {sigma:.3g} (1% of the range of all runs)",
         fontsize=10,
     )
     return _save(fig, out / "density.png")
@@ -309,7 +309,7 @@ def figure_contours(
         fig, axes = plt.subplots(nrow, ncol, figsize=(5.5 * ncol, 4.6 * nrow), squeeze=False)
         for ax, r in zip(axes.ravel(), part.itertuples(), strict=False):
             arrays, meta = loaded[r.job]
-            contour(ax, arrays, key, meta, title=f"B={r.batch_size}, {r.series}\n{r.job}")
+            contour(ax, arrays, key, meta, title=f"B={r.batch_size}, {r.series}, seed {r.seed}")
         for ax in axes.ravel()[len(part) :]:
             ax.axis("off")
         fig.suptitle(f"training loss {TITLES[kind].format(s='s')}", fontsize=10)
