@@ -15,7 +15,10 @@ effective settings (checkpoint, precision, Hessian and attack settings), so meas
 different settings never replace each other, and the same settings replace their own earlier
 result. Writes ``RUN_DIR/measurements/<name>.json`` and the same values under
 ``checkpoint_measurements[<name>]`` in ``results.json``; with ``--density`` also
-``<name>_density.png``, the eigenvalue density (stochastic Lanczos quadrature).
+``<name>_density.png`` and ``<name>_density.npz``, the eigenvalue density (stochastic Lanczos
+quadrature); with ``--landscape 1d 2d`` the loss along the top Hessian eigenvectors and along
+filter-normalized random directions on the Hessian's samples (:mod:`measures.landscape`), as
+``<name>_landscape.npz`` and ``<name>_landscape_1d.png`` / ``_2d.png`` (see :mod:`reporting.landscape`).
 
 Before measuring (which can take minutes), it checks that the run's record can be read, that the
 run directory can be written, and takes the job's lock (``job.lock``, as ``train.py`` does): a run
@@ -147,6 +150,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density", action="store_true", help="also the eigenvalue density (SLQ) and its plot")
     p.add_argument("--density-steps", type=int, default=60, help="Lanczos steps (HVPs) of the density")
     p.add_argument("--no-hessian", action="store_true", help="skip the spectrum")
+    p.add_argument(
+        "--landscape",
+        nargs="+",
+        choices=("1d", "2d"),
+        default=None,
+        help="loss along the top Hessian eigenvector(s) and filter-normalized random directions: "
+        "1d curves, 2d planes (top-2 eigenvectors; two random directions)",
+    )
+    p.add_argument("--landscape-points", type=int, default=21, help="grid points per axis (default 21)")
+    p.add_argument(
+        "--landscape-eigen-range",
+        type=float,
+        default=0.5,
+        help="eigenvector coordinates in [-r, r] (default 0.5; unit: see --landscape-norm)",
+    )
+    p.add_argument(
+        "--landscape-random-range",
+        type=float,
+        default=1.0,
+        help="random-direction coordinates in [-r, r], 1 = each filter's norm (default 1)",
+    )
+    p.add_argument(
+        "--landscape-norm",
+        choices=("unit", "weights"),
+        default="unit",
+        help="eigenvectors of unit length, or of the weights' norm (default unit)",
+    )
     p.add_argument("--attacks", action="store_true", help="also clean/robust accuracy on the test set")
     p.add_argument(
         "--full-test", action="store_true", help="attacks on the whole test set (default: the run's subset)"
@@ -279,8 +309,12 @@ def measure(args: argparse.Namespace) -> int:
                     n_steps=args.density_steps,
                 )
             plot_density(dens, run_dir / "measurements" / f"{name}_density.png")
+            save_density(run_dir / "measurements" / f"{name}_density.npz", dens, {"run": run_dir.name})
             results["hessian/density_n_hvp"] = float(dens.n_hvp)
             results["hessian/density_seconds"] = time.perf_counter() - start
+
+    if args.landscape:
+        results.update(measure_landscape(net, dm, h, args, run_dir, name, ckpt))
 
     if args.attacks:
         adv = AdversarialAccuracy(**a)
@@ -396,8 +430,9 @@ def measurement_settings(
         "attacks": None
         if not args.attacks
         else {**{k: v for k, v in attacks.items() if k not in skip}, "full_test": args.full_test},
-        # only when asked: results measured before this option keep their names
+        # only when asked: results measured before these options keep their names
         **({"input_curvature": input_curvature} if input_curvature is not None else {}),
+        **({"landscape": landscape_settings(args, hessian)} if args.landscape else {}),
     }
 
 
@@ -419,23 +454,85 @@ def result_name(ckpt: Path, settings: dict, tag: str = "") -> str:
 
 
 def plot_density(dens, path: Path) -> None:
-    import matplotlib
+    """Log density against eigenvalue, its Gaussian broadening stated (:func:`reporting.landscape.draw_density`)."""
+    from reporting.landscape import draw_density
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lo, hi = float(dens.nodes.min()), float(dens.nodes.max())
-    grid = torch.linspace(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo), 1000, dtype=torch.float64)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.semilogy(grid, dens.density(grid).clamp_min(1e-12))
-    ax.set_xlabel("eigenvalue")
-    ax.set_ylabel("density")
-    ax.set_title("Hessian eigenvalue density (stochastic Lanczos quadrature)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    draw_density(dens.nodes.numpy(), dens.weights.numpy(), path)
     print(f"[measure] density plot: {path}")
+
+
+def save_density(path: Path, dens, meta: dict) -> None:
+    """The SLQ nodes and weights, for the report's shared-axes densities."""
+    from reporting.landscape import save_arrays
+
+    save_arrays(path, {"nodes": dens.nodes.numpy(), "weights": dens.weights.numpy()}, meta)
+
+
+def landscape_settings(args: argparse.Namespace, hessian: dict) -> dict:
+    """What decides a landscape: dimensions, grid, ranges, normalization, and the Hessian's samples."""
+    return {
+        "dims": sorted(args.landscape),
+        "points": args.landscape_points,
+        "eigen_range": args.landscape_eigen_range,
+        "random_range": args.landscape_random_range,
+        "eigen_norm": args.landscape_norm,
+        **{k: hessian.get(k) for k in ("subset_size", "subset_seed", "batch_size")},
+    }
+
+
+def measure_landscape(net, dm, h: dict, args, run_dir: Path, name: str, ckpt: Path) -> dict:
+    """Loss along the top Hessian eigenvectors and along filter-normalized random directions (eval
+    mode, on the Hessian's fixed training samples): arrays and PNGs under ``measurements/``."""
+    from measures.landscape import eigen_directions, loss_landscape, random_directions
+    from reporting.landscape import draw_run, save_arrays  # noqa: I001
+
+    spectrum = HessianSpectrum(**h)
+    dtype = next(net.parameters()).dtype
+    x, y, _ = load_rank_subset(
+        dm.measurement_dataset("train"), spectrum.subset_size, spectrum.subset_seed, 0, 1
+    )
+    batches = split_batches(x.to(dtype), y, spectrum.batch_size)
+    loss_fn = torch.nn.functional.cross_entropy
+    n = args.landscape_points
+    k = 2 if "2d" in args.landscape else 1
+    start = time.perf_counter()
+    with tqdm(total=spectrum.max_iter, desc="[measure] landscape: Lanczos", unit="HVP", leave=False) as bar:
+        eigen, lam = eigen_directions(
+            net, loss_fn, batches, k, normalization=args.landscape_norm, tol=spectrum.tol,
+            max_iter=spectrum.max_iter, progress=lambda p: bar.update(1),
+        )  # fmt: skip
+    rand = random_directions(net, k, seed=spectrum.subset_seed)
+    grids = {"eigen": torch.linspace(-1, 1, n) * args.landscape_eigen_range}
+    grids["random"] = torch.linspace(-1, 1, n) * args.landscape_random_range
+    jobs = [(f"{kind}_{d}", kind, dirs if d == "2d" else dirs[:1]) for d in sorted(args.landscape)
+            for kind, dirs in (("eigen", eigen), ("random", rand))]  # fmt: skip
+    total = sum(n ** (2 if key.endswith("2d") else 1) for key, _, _ in jobs)
+    arrays, done = {"eigenvalues": lam.numpy()}, 0
+    print(
+        f"[measure] landscape {' '.join(args.landscape)}: {total} points on {len(x)} training samples (eval mode) ..."
+    )
+    with tqdm(total=total, desc="[measure] landscape", unit="point", leave=False) as bar:
+        for key, kind, dirs in jobs:
+            land = loss_landscape(
+                net, loss_fn, batches, dirs, [grids[kind]] * len(dirs), mode="eval",
+                progress=lambda i, _: bar.update(1),
+            )  # fmt: skip
+            done += land.loss.numel()
+            for j, c in enumerate(land.coords):
+                arrays[f"{key}/coords{j}"] = c.numpy()
+            arrays[f"{key}/loss"], arrays[f"{key}/accuracy"] = land.loss.numpy(), land.accuracy.numpy()
+    meta = {
+        "run": run_dir.name, "checkpoint": ckpt.name, "mode": "eval", "n_samples": len(x),
+        "normalization": {"eigen": args.landscape_norm, "random": "filter"},
+        "random_one_dim": "zero", "random_seed": spectrum.subset_seed,
+    }  # fmt: skip
+    prefix = run_dir / "measurements" / f"{name}_landscape"
+    save_arrays(Path(f"{prefix}.npz"), arrays, meta)
+    for png in draw_run(arrays, meta, prefix):
+        print(f"[measure] landscape plot: {png}")
+    seconds = time.perf_counter() - start
+    at0 = {f"landscape/{key}_loss_max": float(arrays[f"{key}/loss"].max()) for key, _, _ in jobs}
+    return {"landscape/points": float(done), "landscape/seconds": seconds, **at0}
 
 
 if __name__ == "__main__":

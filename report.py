@@ -23,6 +23,10 @@ Reads every job's ``results.json`` under the sweep directory and writes, into ``
 - ``momentum.png``: test accuracy and top eigenvalue vs batch size for each momentum,
   fixed lr vs constant ratio side by side (natural training only, when both kinds were run);
 - ``natural_vs_robust.png``: natural vs adversarial training across batch sizes;
+- ``landscape_1d_eigen.png``, ``landscape_1d_random.png``, ``density.png``, ``landscape_2d_*.png``: for
+  runs measured with ``measure.py --landscape ... --density`` (arrays beside the run): the loss along
+  the top Hessian eigenvector / random directions and the Hessian density, a panel per lr rule /
+  training and a colour per batch size, and the 2-D loss as contours per run (``--contour-runs``);
 - ``runs/<job>.png``: per-run curves over epochs (top eigenvalue with its 2(1+β)/lr line,
   train/test accuracy, robust accuracy).
 
@@ -59,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: <sweep_dir>/report)")
     parser.add_argument(
         "--wandb", action="store_true", help="also log the table and figures as a W&B report run"
+    )
+    parser.add_argument(
+        "--contour-runs",
+        nargs="*",
+        default=None,
+        help="runs drawn as 2-D landscape contours: jobs whose name contains one of these "
+        "(default: the first seed of each lr rule / training and batch size)",
     )
     d = Thresholds()
     verdict = parser.add_argument_group("verdicts (verdicts.csv, verdicts.md)")
@@ -113,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.sweep_dir} is not a directory", file=sys.stderr)
         return 2
     out = args.out or args.sweep_dir / "report"
-    df, notes = report(args.sweep_dir, out, th)
+    df, notes = report(args.sweep_dir, out, th, args.contour_runs)
     print(f"[report] {len(df)} runs -> {out / 'runs.csv'}")
     print(f"[report] verdicts -> {out / 'verdicts.md'}")
     for png in sorted(out.rglob("*.png")):

@@ -8,15 +8,22 @@ from pathlib import Path
 import pandas as pd
 
 from lifecycle.record import FINISHED
-from reporting import figures
+from reporting import figures, landscape
 from reporting.runs import NOT_AT_TARGET, at_target, grid_notes, load_runs, num, tidy, unconverged_table
 from reporting.verdicts import Thresholds, verdicts, worst_case_gap, write_verdicts
 
 
 def report(
-    sweep_dir: Path, out: Path | None = None, thresholds: Thresholds | None = None
+    sweep_dir: Path,
+    out: Path | None = None,
+    thresholds: Thresholds | None = None,
+    contour_runs: list[str] | None = None,
 ) -> tuple[pd.DataFrame, list[str]]:
-    """Write the CSVs, figures and verdicts; return the table and the readable notes."""
+    """Write the CSVs, figures and verdicts; return the table and the readable notes.
+
+    Runs with landscape or density arrays saved by ``measure.py`` also get their figures
+    (:mod:`reporting.landscape`; ``contour_runs``: the runs drawn as contours, see
+    :func:`~reporting.landscape.figure_contours`)."""
     th = thresholds or Thresholds()
     out = out or sweep_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -47,6 +54,7 @@ def report(
     notes += verdict_notes
     if len(good):
         figures.draw_all(good, runs, out)
+        landscape.draw_sweep(good, runs, out, contour_runs)
     return df, notes
 
 
