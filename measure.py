@@ -30,10 +30,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,77 +42,15 @@ from tqdm import tqdm
 from callbacks.adversarial_accuracy import AdversarialAccuracy
 from callbacks.hessian_spectrum import TRACE_METHODS, HessianSpectrum
 from callbacks.input_curvature import InputCurvature
-from lifecycle.build import build_model
 from lifecycle.guards import JobRefused, job_lock
-from lifecycle.record import RECORD, RecordError, modify_record, plain, read_record
+from lifecycle.record import RECORD, modify_record, plain
+from lifecycle.saved_run import Refused, check_writable, find_checkpoint, load_model, read_run
 from lightning_modules.data import ImageDataModule
 from measures.batches import load_rank_subset, split_batches
 from measures.curvature import OPERATORS
 from measures.hessian import hessian_density
 from measures.linalg import LanczosProgress
 from measures.module_state import gradients_enabled, preserved_module_state
-
-
-def find_checkpoint(run_dir: Path, which: str) -> Path:
-    if which == "last":
-        path = run_dir / "checkpoints" / "last.ckpt"
-    elif which == "best":
-        found = sorted((run_dir / "checkpoints").glob("best-*.ckpt"))
-        path = found[-1] if found else run_dir / "checkpoints" / "best-missing.ckpt"
-    else:
-        path = Path(which)
-    if not path.exists():
-        raise SystemExit(f"error: no checkpoint {path} (--checkpoint last | best | a path)")
-    return path
-
-
-class Refused(Exception):
-    """The run cannot be measured (exit status 2): the message says why and the way out."""
-
-
-def read_run(run_dir: Path) -> dict:
-    """The run's checked record; :class:`Refused` with :func:`read_record`'s message (which names the
-    field) if it fails its checks, or if it holds no config to rebuild the model from."""
-    try:
-        record = read_record(run_dir / RECORD)
-    except RecordError as e:
-        raise Refused(str(e)) from None
-    if not record.get("config"):
-        raise Refused(f"{run_dir}/{RECORD} has no config: is this a run directory of train.py?")
-    if not isinstance(record.get("checkpoint_measurements", {}), dict):
-        raise Refused(
-            f"{run_dir}/{RECORD}: field 'checkpoint_measurements' is not an object (expected: one result "
-            "per measurement name). Restore the record from a backup, or remove that field."
-        )
-    return record
-
-
-def check_writable(run_dir: Path) -> None:
-    """Refuse before measuring if the results could not be saved (a read-only run directory)."""
-    for d in (run_dir, run_dir / "measurements"):
-        if not d.exists():
-            continue
-        try:
-            with tempfile.TemporaryFile(dir=d):
-                pass
-        except OSError as e:
-            raise Refused(
-                f"cannot write into {d} ({e.strerror}): the results would be lost after measuring. "
-                "Make it writable, or copy the run directory somewhere writable and measure the copy."
-            ) from None
-    record = run_dir / RECORD
-    if not os.access(record, os.W_OK):
-        raise Refused(f"cannot write {record}: the results would be lost after measuring. Make it writable.")
-
-
-def load_model(run_dir: Path, checkpoint: Path, float64: bool):
-    """The run's network with the checkpoint's weights, its resolved config and the checkpoint's step."""
-    cfg = OmegaConf.create(read_run(run_dir)["config"])
-    net = build_model(cfg)
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state = saved["state_dict"]
-    net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
-    return (net.double() if float64 else net), cfg, saved.get("global_step")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -430,7 +430,12 @@ class HessianSpectrum(EpochEndMeasurement):
 class GGNSpectrum(HessianSpectrum):
     """:class:`HessianSpectrum` with other defaults: the generalized Gauss-Newton, logged as ``ggn/*``,
     with its trace and per-layer blocks (``conf/callbacks/ggn.yaml``; ``'callbacks=[default,ggn]'``
-    adds it beside the Hessian). Takes the same arguments, by name."""
+    adds it beside the Hessian).
+
+    Args:
+        the same as :class:`HessianSpectrum`, by name; the defaults differ in ``prefix`` (ggn),
+        ``operator`` (ggn), ``trace`` (true) and ``blocks`` (module).
+    """
 
     DEFAULTS = {"prefix": "ggn", "operator": "ggn", "trace": True, "blocks": "module"}
 

@@ -4,7 +4,7 @@ One real finished record (a short run made once for the module); then every top-
 turn is replaced by null, a list, a string, a number, or removed, and read as a re-run of
 train.py reads it (:func:`lifecycle.job.read_previous`, then what the re-run does with a finished
 record: compare its identity and print its summary) and as measure.py reads it
-(:func:`measure.read_run`), in-process; train.py and measure.py run as subprocesses for a few
+(:func:`lifecycle.saved_run.read_run`), in-process; train.py and measure.py run as subprocesses for a few
 representative cases. Also: measure.py refuses before measuring when it could not save, or when the
 job's lock is held, and two processes updating one record lose no update.
 """
@@ -23,6 +23,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import measure
+from lifecycle import saved_run
 from lifecycle.guards import JobRefused, check_identity
 from lifecycle.job import read_previous
 from lifecycle.record import RECORD, read_record, update_record
@@ -80,8 +81,8 @@ def test_every_damaged_field_is_read_or_refused_by_name_by_the_rerun_and_by_meas
             assert "[train] status:" in summarize(previous, job), where
             outcomes["read"] += 1
         try:
-            measure.read_run(job)
-        except measure.Refused as e:
+            saved_run.read_run(job)
+        except saved_run.Refused as e:
             assert field in str(e), (where, str(e))
     assert outcomes["read"] and outcomes["refused"], outcomes
 
