@@ -168,3 +168,16 @@ def test_bash_block_runs_verbatim(project, file, line, kind, why, block):
         timeout=900,
     )
     assert proc.returncode == 0, f"{file}:{line} exited {proc.returncode}\n{proc.stderr[-3000:]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override", ["optimizer.momentum=1.5", "callbacks.hessian.k=0"])
+def test_configuration_error_samples_are_what_train_prints(project, override):
+    """docs/configuration.md quotes the message a bad value gets: exit 2, that line on stderr."""
+    root, env, _ = project
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    (quoted,) = re.findall(rf"`(error: {re.escape(override)} is invalid: [^`]+)`", text)
+    proc = subprocess.run(
+        ["python", "train.py", override], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 2 and quoted in proc.stderr.splitlines(), proc.stderr[-2000:]
