@@ -24,6 +24,7 @@ from torch import nn
 from lightning_modules.config import AdversarialTraining, SGDConfig
 from lightning_modules.data import restore_loader_states
 from measures.attacks import AttackSpec, adversarial_examples
+from measures.batch_schedule import adversarial_count
 
 
 def log_rank_identical(pl_module: pl.LightningModule, metrics: dict, **kwargs) -> None:
@@ -93,6 +94,12 @@ class SGDClassifier(pl.LightningModule):
             torchmetrics.Accuracy(task="multiclass", num_classes=num_classes) for _ in range(3)
         )
         self.eval_names = ("val", "test", "train_eval")
+        # Hooks of callbacks.adaptive_batch (ABS / ABSA): a multiplier of the lr on top of the
+        # schedule (saved in checkpoints), and FGSM training of the first ⌊ratio · len(micro-batch)⌋
+        # samples of each micro-batch (``adv_schedule``: an AdversarialTraining with that ratio as
+        # its fraction; None: the run's own ``adversarial`` setting).
+        self.batch_lr_scale = 1.0
+        self.adv_schedule: AdversarialTraining | None = None
 
     def setup(self, stage: str) -> None:
         self._own_state()
@@ -123,21 +130,29 @@ class SGDClassifier(pl.LightningModule):
         return self.net(x)
 
     # ---- training -------------------------------------------------------------------------
-    def _adversarial_batch(self, x: torch.Tensor, y: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        """Replace the first ``fraction`` of the batch by adversarial examples, made in ``bn_mode``."""
-        n_adv = round(self.adv.fraction * len(x))
+    def _adversarial_batch(
+        self, x: torch.Tensor, y: torch.Tensor, batch_idx: int, adv: AdversarialTraining | None = None
+    ) -> torch.Tensor:
+        """Replace the first ``fraction`` of the batch by adversarial examples, made in ``bn_mode``:
+        ``round(fraction · len)`` of them for the run's setting, ``⌊fraction · len⌋`` for the
+        adaptive batch's schedule (``adv``, the authors' ``int()``)."""
+        adv = adv or self.adv
+        if adv is self.adv:
+            n_adv = round(adv.fraction * len(x))
+        else:
+            n_adv = adversarial_count(adv.fraction, len(x))
         if n_adv == 0:
             return x
         spec = AttackSpec(
-            name=self.adv.attack,
-            eps=self.adv.eps,
-            norm=self.adv.norm,
-            steps=self.adv.steps,
-            step_size=self.adv.step_size,
-            random_start=self.adv.attack == "pgd",
+            name=adv.attack,
+            eps=adv.eps,
+            norm=adv.norm,
+            steps=adv.steps,
+            step_size=adv.step_size,
+            random_start=adv.attack == "pgd",
         )
         was_training = self.net.training
-        self.net.train(self.adv.bn_mode == "train")
+        self.net.train(adv.bn_mode == "train")
         seed = (self.global_step * 1_000_003 + batch_idx) * 4096 + self.global_rank  # fresh per micro-batch
         g = torch.Generator(device=x.device).manual_seed(seed)
         x_adv = adversarial_examples(self.net, x[:n_adv], y[:n_adv], spec, generator=g)
@@ -146,7 +161,9 @@ class SGDClassifier(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        if self.adv.enabled:
+        if self.adv_schedule is not None:
+            x = self._adversarial_batch(x, y, batch_idx, self.adv_schedule)
+        elif self.adv.enabled:
             x = self._adversarial_batch(x, y, batch_idx)
         logits = self.net(x)
         loss = self.loss_fn(logits, y)
@@ -189,8 +206,10 @@ class SGDClassifier(pl.LightningModule):
         checkpoint["train_sums"] = self.trainer.strategy.reduce(
             self.train_sums.clone(), reduce_op="sum"
         ).cpu()
+        checkpoint["batch_lr_scale"] = self.batch_lr_scale
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.batch_lr_scale = float(checkpoint.get("batch_lr_scale", 1.0))
         sums = checkpoint.get("train_sums")
         trainer = self._trainer
         if sums is not None and (trainer is None or trainer.global_rank == 0):
@@ -225,6 +244,35 @@ class SGDClassifier(pl.LightningModule):
         log_rank_identical(self, values, prog_bar=False)  # torchmetrics computes over all ranks
 
     # ---- optimizer -----------------------------------------------------------------------
+    def _fractional_epoch(self, step: int, steps_per_epoch: int) -> float:
+        """The epoch (0-based, fractional) after ``step`` optimizer steps.
+
+        Inside the training loop: the epoch counter plus the share of this epoch's optimizer steps
+        done (``⌈micro-batches done / accumulation⌉`` of ``⌈micro-batches / accumulation⌉``), so the
+        schedule stays on epochs when the accumulation changes between epochs (the adaptive
+        batch); under a constant accumulation this equals ``step / steps_per_epoch``, the rule
+        used outside the loop (the scheduler's first call, at step 0)."""
+        trainer = self._trainer
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        if step == 0 or loop is None or not trainer.training:
+            return step / steps_per_epoch
+        acc = trainer.accumulate_grad_batches
+        done = loop.batch_progress.current.ready
+        return trainer.current_epoch + math.ceil(done / acc) / max(
+            math.ceil(trainer.num_training_batches / acc), 1
+        )
+
+    def scale_lr(self, scale: float) -> None:
+        """Set :attr:`batch_lr_scale` to ``scale`` and the optimizer's current lr with it (the
+        scheduler recomputes it from the next step on); the adaptive batch calls this at epoch
+        starts."""
+        ratio = scale / self.batch_lr_scale
+        self.batch_lr_scale = scale
+        if ratio != 1:
+            for opt in self.trainer.optimizers:
+                for group in opt.param_groups:
+                    group["lr"] *= ratio
+
     def configure_optimizers(self):
         s = self.sgd
         opt = torch.optim.SGD(
@@ -235,14 +283,19 @@ class SGDClassifier(pl.LightningModule):
             weight_decay=s.weight_decay,
         )
         total_steps = self.trainer.estimated_stepping_batches
+        total_epochs: list[float] = []  # fixed at the first step, under the accumulation of epoch 0
 
         def factor(step: int) -> float:
             # optimizer steps per epoch, known once the train dataloader is loaded (before step 1)
             batches = self.trainer.num_training_batches
             if not math.isfinite(batches):
-                return s.lr_factor(0.0, 1.0)
+                return s.lr_factor(0.0, 1.0) * self.batch_lr_scale
             steps_per_epoch = max(math.ceil(batches / self.trainer.accumulate_grad_batches), 1)
-            return s.lr_factor(step / steps_per_epoch, total_steps / steps_per_epoch)
+            if not total_epochs:
+                total_epochs.append(total_steps / steps_per_epoch)
+            return s.lr_factor(self._fractional_epoch(step, steps_per_epoch), total_epochs[0]) * (
+                self.batch_lr_scale
+            )
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
