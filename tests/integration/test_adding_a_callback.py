@@ -1,9 +1,9 @@
-"""The README's "Adding a callback", followed literally in a copy of the project.
+"""docs/extending.md's "Adding a callback", followed literally in a copy of the project.
 
-The two files are written from the README's code blocks (the first line of each names its
-path) and the command is the README's own ``python train.py ...``. Only run-length overrides
+The two files are written from the page's code blocks (the first line of each names its
+path) and the command is the page's own ``python train.py ...``. Only run-length overrides
 are appended (two epochs, no Hessian/attack callbacks, CSV and W&B logging, offline) so the
-test takes seconds; the callback, its YAML and the way it is selected are the README's.
+test takes seconds; the callback, its YAML and the way it is selected are the page's.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ FAST_TAIL = ["trainer.max_epochs=2", "~callbacks.hessian", "~callbacks.adversari
 
 
 def readme_section(title: str) -> str:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "extending.md").read_text()
     start = text.index(f"### {title}")
     end = text.index("\n## ", start)
     return text[start:end]
