@@ -1,6 +1,6 @@
 """``EpochEndMeasurement``: the base to subclass for a measurement taken at epoch ends.
 
-See the README's "Adding a callback" for a worked example.
+See docs/extending.md, "Adding a callback", for a worked example.
 """
 
 from __future__ import annotations

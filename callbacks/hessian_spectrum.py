@@ -90,7 +90,7 @@ class HessianSpectrum(EpochEndMeasurement):
     larger models start cold after a resume. Why it is off: the top eigenvalues are outliers that
     a cold start finds in few products, and the eigenvectors at the dense negative end turn too
     much between epochs for the old ones to help, so it saved little and can report λ_min's
-    near-degenerate neighbour instead of λ_min (README "Hessian spectrum" and
+    near-degenerate neighbour instead of λ_min (docs/measurements.md and
     ``benchmarks/hessian_warm.py`` have the measurements). See
     :func:`measures.linalg.lanczos_eigenvalues` for what the guards do and do not catch.
 
