@@ -50,6 +50,20 @@ def build_model(name: str, channels: int) -> tuple[nn.Module, tuple[int, int, in
     return models.resnet20((3, 32, 32), 10), (3, 32, 32)
 
 
+def make_problem(
+    name: str, channels: int, samples: int
+) -> tuple[nn.Module, tuple[int, int, int], torch.Tensor, torch.Tensor, nn.Module]:
+    """The benchmarked set-up, shared with ``benchmarks/operators.py``: the model (seed 0, eval
+    mode), its input shape, ``samples`` random inputs and labels (seed 1), and the loss."""
+    torch.manual_seed(0)
+    base, shape = build_model(name, channels)
+    base.eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand((samples, *shape), generator=g)
+    y = torch.randint(0, 10, (samples,), generator=g)
+    return base, shape, x, y, nn.CrossEntropyLoss()
+
+
 def pyhessian_topk(model: nn.Module, loss_fn, x, y, k: int, loader, seed: int) -> tuple[torch.Tensor, int]:
     """PyHessian's top-k (power iteration + deflation, defaults maxIter=100, tol=1e-3) and its HVPs."""
     import importlib
@@ -186,13 +200,7 @@ def main() -> None:
     loader_batch = args.loader_batch or samples // 4
     torch.set_num_threads(args.threads)
 
-    torch.manual_seed(0)
-    base, shape = build_model(args.model, channels)
-    base.eval()
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand((samples, *shape), generator=g)
-    y = torch.randint(0, 10, (samples,), generator=g)
-    loss_fn = nn.CrossEntropyLoss()
+    base, shape, x, y, loss_fn = make_problem(args.model, channels, samples)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=loader_batch)
     dim = sum(p.numel() for p in base.parameters())
     print(
