@@ -179,13 +179,7 @@ class AdversarialAccuracy(EpochEndMeasurement):
     def check_against(self, model: nn.Module, datamodule) -> None:
         """Refuse, before training, a subset larger than the test set and more APGD-T target
         classes than the data has other classes."""
-        size = self.split_size(datamodule, "test")
-        check(
-            self.subset_size is None or size is None or self.subset_size <= size,
-            "subset_size",
-            self.subset_size,
-            f"larger than the {size} test images (null: all of them)",
-        )
+        self.check_subset(datamodule, "test", self.subset_size)
         classes = getattr(getattr(datamodule, "info", None), "num_classes", None)
         check(
             "apgdt" not in self.attacks + self.final_attacks

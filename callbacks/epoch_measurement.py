@@ -128,6 +128,16 @@ class EpochEndMeasurement(pl.Callback):
         get = getattr(datamodule, "split_size", None)
         return None if get is None else get(split)
 
+    def check_subset(self, datamodule, split: str, subset_size: int | None) -> None:
+        """Refuse a fixed subset of ``subset_size`` samples larger than the datamodule's ``split``."""
+        size = self.split_size(datamodule, split)
+        check(
+            subset_size is None or size is None or subset_size <= size,
+            "subset_size",
+            subset_size,
+            f"larger than the {size} {'training' if split == 'train' else split} images (null: all of them)",
+        )
+
     def check_against(self, model: torch.nn.Module, datamodule) -> None:
         """Refuse, before training, settings this model and data cannot serve (a subset larger
         than the data, more eigenvalues than parameters): raise :class:`ConfigError` naming the

@@ -356,13 +356,7 @@ class HessianSpectrum(EpochEndMeasurement):
         )
         if self.blocks is not None:
             parameter_blocks(model, self.blocks)  # refuses patterns that match nothing, naming them
-        size = self.split_size(datamodule, "train")
-        check(
-            self.subset_size is None or size is None or self.subset_size <= size,
-            "subset_size",
-            self.subset_size,
-            f"larger than the {size} training images (null: all of them)",
-        )
+        self.check_subset(datamodule, "train", self.subset_size)
 
     def _remember(self, vectors: torch.Tensor | None, n_hvp: int, warm: bool) -> None:
         """Keep the next start vector and decide whether the next measurement starts cold.

@@ -118,13 +118,7 @@ class InputCurvature(EpochEndMeasurement):
     def check_against(self, model: nn.Module, datamodule) -> None:
         """Refuse, before training, a subset larger than the test set and more eigenvalues than
         an input has pixels."""
-        size = self.split_size(datamodule, "test")
-        check(
-            self.subset_size is None or size is None or self.subset_size <= size,
-            "subset_size",
-            self.subset_size,
-            f"larger than the {size} test images (null: all of them)",
-        )
+        self.check_subset(datamodule, "test", self.subset_size)
         shape = getattr(getattr(datamodule, "info", None), "input_shape", None)
         dim = None if shape is None else int(torch.tensor(shape).prod())
         check(

@@ -29,7 +29,7 @@ the same points and the same collective, and ends with the same arrays.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -37,7 +37,7 @@ from torch import nn
 from torch.func import functional_call
 
 from measures.distributed import ProcessGroup, all_reduce_sum
-from measures.hessian import hessian_eigenvalues
+from measures.hessian import Batches, LossFn, hessian_eigenvalues
 from measures.module_state import preserved_module_state
 
 __all__ = [
@@ -50,8 +50,6 @@ __all__ = [
     "random_directions",
 ]
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 EIGEN_NORMALIZATIONS = ("unit", "weights")
 """How eigenvector directions are scaled: unit length, or the norm of the weights."""

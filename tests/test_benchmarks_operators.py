@@ -10,9 +10,6 @@ import pytest
 
 from tests.helpers import ROOT
 
-pytest.importorskip("curvlinops")
-pytest.importorskip("pyhessian")
-
 
 @pytest.fixture
 def bench():
