@@ -23,7 +23,7 @@ import pytest
 
 from tests.helpers import ROOT
 
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 MARKER = re.compile(r"<!--\s*(long-running|not-run):\s*(.+?)\s*-->")
 A_TIME = re.compile(r"\d+(\.\d+)?\s*(s|min)\b")  # a long-running marker names its measured time
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
