@@ -74,6 +74,7 @@ def test_batch_doubles_by_accumulation_and_lr_composes_with_a_step_schedule(rule
         assert [lr for _, lr in per_epoch[e]] == pytest.approx([expected] * len(per_epoch[e]), rel=1e-12)
     assert trainer.global_step == 16 and module.batch_lr_scale == pytest.approx(m * m)
     assert trainer.callback_metrics["abs/batch_size"] == 2000
+    assert trainer.callback_metrics["opt/batch_size"] == 2000  # the batch in use, not the base 500
     assert trainer.callback_metrics["abs/optimizer_steps"] == 16
     assert trainer.callback_metrics["abs/samples"] == 16000
 
