@@ -13,10 +13,14 @@ from lightning_modules.config import AdversarialTraining, ConfigError, check
 from lightning_modules.module import log_rank_identical
 from measures.batch_schedule import (
     LR_SCALINGS,
+    POLICIES,
     BatchState,
     adversarial_ratio,
     needs_measurement,
+    next_noise_state,
     next_state,
+    noise_estimates,
+    noise_scale,
 )
 from measures.batches import load_rank_subset, split_batches
 from measures.hessian import hessian_eigenvalues
@@ -59,6 +63,19 @@ class AdaptiveBatch(pl.Callback):
     still divides its loss by the full accumulation). The optimizer's schedule follows epochs, not
     steps (see ``SGDClassifier._fractional_epoch``).
 
+    **The noise-scale policy** (``policy: noise_scale``; McCandlish et al. 2018, "An empirical model
+    of large-batch training", appendix A): no Hessian; at every optimizer step the squared norms of
+    two gradients give unbiased estimates of ``|G|²`` and ``tr(Σ)``
+    (:func:`measures.batch_schedule.noise_estimates`): of one micro-batch (this device's first of the
+    step, ``B_small``) and of the step's accumulated batch (``B_big``, all devices). While a step is
+    one micro-batch per device (at ``B0`` without accumulation) the pair is this step's gradient
+    (``B_small`` = the global batch) and its mean with the previous step's (``2 B_small``; one step
+    stale). Steps whose micro-batches differ in size (an epoch's last) are skipped. At the epoch's
+    end the estimates' sums are all-reduced (every rank takes the same decision) and ``B_noise =
+    Σ tr(Σ) / Σ |G|²``; the batch grows to the smallest ``B0 × 2^k >= B_noise`` (at most
+    ``max_batch_size``, never shrinking), the lr scaled as above. Logged: ``abs/noise_scale``.
+    Assumes unscaled gradients at ``on_after_backward`` (not with 16-bit AMP's loss scaling).
+
     **Logged** at every epoch end (CSV, ``results.json`` history, W&B; the last values are the
     record's ``final``): ``abs/batch_size`` (global batch of the epoch), ``abs/lr`` (the effective
     lr at its start), ``abs/adv_ratio`` (its adversarial share), ``abs/lambda`` (when measured),
@@ -84,6 +101,7 @@ class AdaptiveBatch(pl.Callback):
         eig_method, eig_max_iter, eig_tol, eig_seed: the eigenvalue's solver, its product budget,
             its tolerance (relative to λ) and its start vector's seed.
         subset_seed: which ``B0`` training images the eigenvalue is measured on.
+        policy: hessian (ABS/ABSA, the eigenvalue rule) | noise_scale (the gradient noise scale).
     """
 
     def __init__(
@@ -100,7 +118,9 @@ class AdaptiveBatch(pl.Callback):
         eig_tol: float = 1e-2,
         eig_seed: int = 0,
         subset_seed: int = 0,
+        policy: str = "hessian",
     ):
+        check(policy in POLICIES, "policy", policy, f"allowed: {', '.join(POLICIES)}")
         check(isinstance(adversarial, bool), "adversarial", adversarial, "must be true or false")
         check(
             max_batch_size is None or (isinstance(max_batch_size, int) and max_batch_size >= 1),
@@ -135,7 +155,8 @@ class AdaptiveBatch(pl.Callback):
             eig_tol,
             eig_seed,
         )
-        self.subset_seed = subset_seed
+        self.subset_seed, self.policy = subset_seed, policy
+        self._noise_reset()
         self.base_batch: int | None = None
         self.max_batch: int | None = None
         self._base_accumulate = 1
@@ -211,8 +232,13 @@ class AdaptiveBatch(pl.Callback):
             self._data = (x, y)
         rank_zero_info(
             f"[AdaptiveBatch] {'ABSA' if self.adversarial else 'ABS'}: batch {self.base_batch} -> at most "
-            f"{self.max_batch}, doubling when lambda_1 <= lambda_ref / {self.trigger:g} or after "
-            f"{self.duration} epochs; lr scaling {self.lr_scaling}"
+            f"{self.max_batch}, "
+            + (
+                "grown to the gradient noise scale at epoch ends"
+                if self.policy == "noise_scale"
+                else f"doubling when lambda_1 <= lambda_ref / {self.trigger:g} or after {self.duration} epochs"
+            )
+            + f"; lr scaling {self.lr_scaling}"
         )
 
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -237,6 +263,65 @@ class AdaptiveBatch(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._apply(trainer, pl_module)
+        self._noise_reset()
+
+    # ---- the gradient noise scale ------------------------------------------------------------
+    def _noise_reset(self) -> None:
+        self._sums = [0.0, 0.0, 0.0]  # Σ|G|², Σtr(Σ), steps, this epoch on this rank
+        self._micro_sizes: list[int] = []
+        self._small_sq: float | None = None
+        self._prev: torch.Tensor | None = None
+
+    def _noise_active(self) -> bool:
+        return (
+            self.policy == "noise_scale"
+            and self.state is not None
+            and needs_measurement(self.state, self.max_batch)
+        )
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._noise_active():
+            self._micro_sizes.append(len(batch[0]))
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        acc = int(trainer.accumulate_grad_batches)
+        if self._noise_active() and acc > 1 and len(self._micro_sizes) == 1:
+            self._small_sq = (
+                float(_grad_vector(pl_module).square().sum()) * acc**2
+            )  # Lightning divides by acc
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        if not self._noise_active():
+            return
+        sizes, small_sq, acc = self._micro_sizes, self._small_sq, int(trainer.accumulate_grad_batches)
+        self._micro_sizes, self._small_sq = [], None
+        full = len(sizes) == acc and len(set(sizes)) == 1
+        grad = _grad_vector(pl_module)
+        if not full:
+            self._prev = None
+            return
+        world = trainer.world_size
+        if acc > 1:
+            pair = (small_sq, float(grad.square().sum()), sizes[0], sizes[0] * acc * world)
+        else:
+            prev, self._prev = self._prev, grad.detach().clone()
+            if prev is None or prev.shape != grad.shape:
+                return
+            pair = (
+                float(grad.square().sum()),
+                float(((grad + prev) / 2).square().sum()),
+                sizes[0] * world,
+                2 * sizes[0] * world,
+            )
+        g2, trace = noise_estimates(*pair)
+        self._sums = [self._sums[0] + g2, self._sums[1] + trace, self._sums[2] + 1]
+
+    def epoch_noise_scale(self, pl_module: pl.LightningModule) -> float:
+        """``B_noise`` of this epoch, over every rank's steps (the sums all-reduced)."""
+        sums = torch.tensor(self._sums, dtype=torch.float64, device=next(pl_module.parameters()).device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        return noise_scale(float(sums[0]), float(sums[1])) if sums[2] > 0 else math.nan
 
     def measure(self, pl_module: pl.LightningModule) -> float:
         """The top Hessian eigenvalue on the fixed ``B0`` images (all ranks' shares), in eval mode."""
@@ -263,15 +348,23 @@ class AdaptiveBatch(pl.Callback):
             "abs/lr": self._epoch_lr(trainer, pl_module),
             "abs/adv_ratio": self._epoch_adv_ratio(trainer),
         }
-        lam = self.measure(pl_module) if needs_measurement(s, self.max_batch) else None
-        new, why = next_state(
-            s,
-            lam,
-            max_batch=self.max_batch,
-            duration=self.duration,
-            trigger=self.trigger,
-            lr_scaling=self.lr_scaling,
-        )
+        lam = None
+        if self.policy == "noise_scale":
+            b_noise = self.epoch_noise_scale(pl_module)
+            metrics["abs/noise_scale"] = b_noise
+            new, why = next_noise_state(
+                s, b_noise, base_batch=self.base_batch, max_batch=self.max_batch, lr_scaling=self.lr_scaling
+            )
+        else:
+            lam = self.measure(pl_module) if needs_measurement(s, self.max_batch) else None
+            new, why = next_state(
+                s,
+                lam,
+                max_batch=self.max_batch,
+                duration=self.duration,
+                trigger=self.trigger,
+                lr_scaling=self.lr_scaling,
+            )
         self.samples += self._epoch_samples
         if lam is not None:
             metrics["abs/lambda"] = lam
@@ -283,8 +376,14 @@ class AdaptiveBatch(pl.Callback):
         log_rank_identical(pl_module, metrics)
         if new.batch_size != s.batch_size:
             rank_zero_info(
-                f"[AdaptiveBatch] epoch {trainer.current_epoch}: lambda_1 {lam:.4g} (ref "
-                f"{s.lambda_ref if s.lambda_ref is None else f'{s.lambda_ref:.4g}'}), {why}: batch "
+                f"[AdaptiveBatch] epoch {trainer.current_epoch}: "
+                + (
+                    f"B_noise {metrics['abs/noise_scale']:.4g}"
+                    if lam is None
+                    else f"lambda_1 {lam:.4g} (ref "
+                    f"{s.lambda_ref if s.lambda_ref is None else f'{s.lambda_ref:.4g}'})"
+                )
+                + f", {why}: batch "
                 f"{s.batch_size} -> {new.batch_size}, lr x {new.lr_scale / s.lr_scale:.4g}"
             )
         self.state = new
@@ -308,6 +407,16 @@ class AdaptiveBatch(pl.Callback):
         state = dict(state_dict)
         self.samples = int(state.pop("samples", 0))
         self.state = BatchState(**state)
+
+
+def _grad_vector(module: nn.Module) -> torch.Tensor:
+    """Every parameter's gradient, flattened into one float64 vector (zeros where none)."""
+    return torch.cat(
+        [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).double()
+            for p in module.parameters()
+        ]
+    )
 
 
 def _number(v) -> bool:

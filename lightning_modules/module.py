@@ -54,7 +54,8 @@ class SGDClassifier(pl.LightningModule):
         num_classes: for the accuracy metrics.
 
     Logs at each epoch end: ``train/loss``, ``train/acc`` (the epoch's training samples, all
-    ranks), ``opt/lr``, ``opt/momentum``, ``opt/batch_size``, ``opt/per_device_batch``,
+    ranks), ``opt/lr``, ``opt/momentum``, ``opt/batch_size`` (the batch in use: grown under ABS),
+    ``opt/per_device_batch``,
     ``opt/micro_batch``; after each validation ``{val,test,train_eval}/{loss,acc}`` and
     ``gen_gap/{acc,loss}`` and ``eval/seconds`` (this rank's time in the evaluation loop); every
     ``log_every_n_steps`` steps ``train/loss_step``.
@@ -194,11 +195,18 @@ class SGDClassifier(pl.LightningModule):
                 "train/acc": correct / n,
                 "opt/lr": group["lr"],
                 "opt/momentum": group["momentum"],
-                "opt/batch_size": float(self.sgd.batch_size),
+                "opt/batch_size": self.batch_in_use(),
                 "opt/per_device_batch": float(self.per_device_batch),
                 "opt/micro_batch": float(self.micro_batch),
             },
         )
+
+    def batch_in_use(self) -> float:
+        """The global batch of this epoch's optimizer steps: micro × accumulation × devices, i.e.
+        ``optimizer.batch_size`` unless the accumulation was changed since (ABS grows it); written
+        as ``batch_size × accumulation / planned accumulation`` (the plan: per-device / micro)."""
+        planned = self.per_device_batch / self.micro_batch
+        return float(self.sgd.batch_size * self.trainer.accumulate_grad_batches / planned)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # this epoch's running sums over all ranks (every rank saves; a collective on a copy), so a

@@ -126,3 +126,57 @@ def schedule(
         )
         out.append((state, why))
     return out
+
+
+# ---- the gradient noise scale (McCandlish et al. 2018, appendix A) -------------------------------
+POLICIES = ("hessian", "noise_scale")
+
+
+def noise_estimates(g_small_sq: float, g_big_sq: float, b_small: float, b_big: float) -> tuple[float, float]:
+    """Unbiased estimates of ``|G|²`` (the true gradient's squared norm) and ``tr(Σ)`` (the
+    per-example gradient covariance's trace) from the squared norms of two gradients, over
+    ``b_small`` and ``b_big > b_small`` samples: ``E|G_B|² = |G|² + tr(Σ)/B`` solved for both."""
+    if not b_big > b_small > 0:
+        raise ValueError(f"need b_big > b_small > 0, got {b_small} and {b_big}")
+    g2 = (b_big * g_big_sq - b_small * g_small_sq) / (b_big - b_small)
+    trace = (g_small_sq - g_big_sq) / (1 / b_small - 1 / b_big)
+    return g2, trace
+
+
+def noise_scale(sum_g2: float, sum_trace: float) -> float:
+    """``B_noise = tr(Σ) / |G|²`` as the ratio of the two estimates' running sums (means); NaN when
+    ``|G|²`` is not positive (a noisy estimate: no decision)."""
+    return sum_trace / sum_g2 if sum_g2 > 0 and math.isfinite(sum_trace) else math.nan
+
+
+def noise_batch(b_noise: float, base_batch: int, max_batch: int) -> int:
+    """The smallest ``base_batch × 2^k >= b_noise``, at most ``max_batch`` (``base_batch`` for a
+    non-finite or non-positive ``b_noise``)."""
+    if not (math.isfinite(b_noise) and b_noise > base_batch):
+        return base_batch
+    return min(base_batch * 2 ** math.ceil(math.log2(b_noise / base_batch) - 1e-12), max_batch)
+
+
+def next_noise_state(
+    state: BatchState, b_noise: float, *, base_batch: int, max_batch: int, lr_scaling: str = "linear"
+) -> tuple[BatchState, str]:
+    """The state after an epoch whose noise scale was ``b_noise``: the batch grows (never shrinks) to
+    :func:`noise_batch`, the lr by the batch ratio (as ABS) and the adversarial ratio shrinks by it;
+    why: ``"capped"``, ``"noise_scale"`` (grown) or ``"kept"``."""
+    if not needs_measurement(state, max_batch):
+        return state, "capped"
+    new_batch = max(noise_batch(b_noise, base_batch, max_batch), state.batch_size)
+    if new_batch == state.batch_size:
+        return dataclasses.replace(state, since_doubling=state.since_doubling + 1), "kept"
+    ratio = new_batch / state.batch_size
+    return (
+        BatchState(
+            batch_size=new_batch,
+            lambda_ref=state.lambda_ref,
+            since_doubling=0,
+            lr_scale=state.lr_scale * lr_multiplier(lr_scaling, ratio),
+            adv_ratio=state.adv_ratio / ratio,
+            doublings=state.doublings + round(math.log2(ratio)),
+        ),
+        "noise_scale",
+    )

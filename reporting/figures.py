@@ -18,7 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from lifecycle.record import run_lr, stability_threshold  # noqa: E402
-from reporting.runs import ADV_KEY, adv_columns, at_target, converged, counted, num  # noqa: E402
+from reporting.batch_figures import figure_batch_schedule  # noqa: E402
+from reporting.runs import ADV_KEY, adv_columns, at_target, converged, counted, fixed_batch, num  # noqa: E402
 
 
 def series(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
@@ -288,13 +289,15 @@ def save(fig, path: Path, rect: tuple[float, float, float, float] = (0, 0, 1, 1)
 
 
 def draw_all(good: pd.DataFrame, runs: list[dict], out: Path) -> None:
-    """Every figure of the completed runs ``good`` (their records ``runs``) into ``out``."""
-    figure_eigenvalue(good, out)
-    figure_accuracy(good, out)
-    figure_robust(good, out)
-    figure_momentum(good, out)
-    figure_robust_training(good, out)
-    figure_input_curvature(good, out)
+    """Every figure of the completed runs ``good`` (their records ``runs``) into ``out``. The
+    figures against batch size draw the fixed-batch runs only (an ABS run is not at its first batch)."""
+    figure_batch_schedule(runs, out)
+    fixed = fixed_batch(good)
+    if len(fixed):
+        for figure in (figure_eigenvalue, figure_accuracy, figure_robust, figure_momentum):
+            figure(fixed, out)
+        figure_robust_training(fixed, out)
+        figure_input_curvature(fixed, out)
     for r in runs:
         if r.get("status") == "completed":
             figure_run(r, out)

@@ -136,6 +136,41 @@ def grid_notes(sweep_dir: Path, runs: list[dict], skip: Path | None = None) -> l
 
 
 # ---- tidying -------------------------------------------------------------------------------
+ADAPTIVE = ("abs", "absa", "noise")  # batch policies whose batch grows during training
+ARMS = ("small", "large", "large_fgsm", *ADAPTIVE)  # conf/absa_arm/
+
+
+def batch_policy(r: Mapping) -> str:
+    """How a run chose its batch (experiment=absa_small's arms, conf/absa_arm/): ``abs``, ``absa``
+    or ``noise`` from its ``callbacks.adaptive_batch`` (``policy``, ``adversarial``); a fixed batch:
+    the ``absa_arm=`` override, else in the absa_small experiment ``large_fgsm`` (adversarial
+    training), ``large`` (accumulated over ``max_micro_batch``) or ``small``; any other run: ``fixed``."""
+    cfg = _dict(r.get("config"))
+    ab = _dict(cfg.get("callbacks")).get("adaptive_batch")
+    if isinstance(ab, Mapping):
+        if ab.get("policy", "hessian") == "noise_scale":
+            return "noise"
+        return "absa" if ab.get("adversarial") else "abs"
+    for o in r.get("overrides") or []:
+        name, _, value = str(o).lstrip("+~").partition("=")
+        if name == "absa_arm" and value in ARMS:
+            return value
+    if cfg.get("experiment_name") != "absa_small":
+        return "fixed"
+    if _dict(cfg.get("adversarial_training")).get("enabled"):
+        return "large_fgsm"
+    micro, b = cfg.get("max_micro_batch"), _dict(cfg.get("optimizer")).get("batch_size")
+    return "large" if isinstance(micro, int) and isinstance(b, int) and b > micro else "small"
+
+
+def fixed_batch(df: pd.DataFrame) -> pd.DataFrame:
+    """The runs whose batch stayed what ``batch_size`` says (not ABS/ABSA/noise-scale): the ones the
+    batch-size comparisons and figures may put at their ``batch_size``."""
+    if "batch_policy" not in df:
+        return df
+    return df[~df["batch_policy"].isin(ADAPTIVE)]
+
+
 def tidy(runs: list[dict], eos_threshold: float = EOS_THRESHOLD) -> pd.DataFrame:
     """One row per record. Beside the final metrics: ``reached_target``
     (:func:`lifecycle.record.reached_target`), ``target``, ``stability_threshold`` 2(1+β)/lr,
@@ -164,6 +199,7 @@ def tidy(runs: list[dict], eos_threshold: float = EOS_THRESHOLD) -> pd.DataFrame
             "lr_ratio": opt.get("lr_ratio"),
             "momentum": momentum,
             "training": "adversarial" if adv_train.get("enabled") else "natural",
+            "batch_policy": batch_policy(r),
             "seed": cfg.get("seed"),
             "epochs": r.get("stopped_at_epoch"),
             "steps": r.get("stopped_at_step"),

@@ -4,7 +4,8 @@ Each study's comparisons live in a module of their own, registered in :data:`STU
 exposes ``KIND`` (its rows' ``kind``), ``title(th)`` (its heading in ``verdicts.md``) and
 ``verdicts(df, th) -> (rows, notes)``, built on the shared :func:`compare` (:mod:`.base`). A new
 study is a new module added to :data:`STUDIES`, nothing else: the table, the markdown and the
-notes follow the tuple's order.
+notes follow the tuple's order. Optional: ``ALL_RUNS = True`` (it also sees the adaptive-batch runs,
+which the others do not) and ``tables(df, th)`` (markdown lines put under its verdicts).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from reporting.runs import NOT_AT_TARGET, at_target
-from reporting.verdicts import batch_size, ggn_share, momentum, saddle_free, training
+from reporting.runs import NOT_AT_TARGET, at_target, fixed_batch
+from reporting.verdicts import absa, batch_size, ggn_share, momentum, saddle_free, training
 from reporting.verdicts.base import (
     COLUMNS,
     ROBUST_ATTACKS,
@@ -39,13 +40,15 @@ __all__ = [
     "write_verdicts",
 ]
 
-STUDIES = (batch_size, momentum, training, saddle_free, ggn_share)
+STUDIES = (batch_size, momentum, training, saddle_free, ggn_share, absa)
 
 
 def verdicts(df: pd.DataFrame, th: Thresholds | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Every study's verdicts (:data:`STUDIES`) as one table, and notes on what was skipped.
 
     Only completed runs count, and of them the values that count (:func:`reporting.runs.counted`).
+    A study sees only the fixed-batch runs (:func:`reporting.runs.fixed_batch`: an ABS run's
+    ``batch_size`` is only where it started) unless it sets ``ALL_RUNS``.
     """
     th = th or Thresholds()
     if not len(df) or "batch_size" not in df:
@@ -53,7 +56,7 @@ def verdicts(df: pd.DataFrame, th: Thresholds | None = None) -> tuple[pd.DataFra
     rows: list[dict] = []
     notes: list[str] = []
     for study in STUDIES:
-        more, why = study.verdicts(df, th)
+        more, why = study.verdicts(df if getattr(study, "ALL_RUNS", False) else fixed_batch(df), th)
         rows += more
         notes += why
     return pd.DataFrame(rows, columns=COLUMNS), notes
@@ -106,6 +109,7 @@ def write_verdicts(df, table, gap, notes, th: Thresholds, out: Path) -> None:
         part = table[table["kind"] == study.KIND] if len(table) else table
         if len(part):
             md += [study.title(th), "", *md_table(part, [c for c in cols if part[c].notna().any()]), ""]
+            md += study.tables(df, th) if hasattr(study, "tables") else []
     ok = df[df["status"] == "completed"] if len(df) else df
     md += [f"## Runs limited by the learning rate (eos_ratio >= {th.eos:g})", ""]
     lim = ok[ok["lr_limited"]] if "lr_limited" in ok else ok.iloc[:0]

@@ -74,6 +74,7 @@ def test_batch_doubles_by_accumulation_and_lr_composes_with_a_step_schedule(rule
         assert [lr for _, lr in per_epoch[e]] == pytest.approx([expected] * len(per_epoch[e]), rel=1e-12)
     assert trainer.global_step == 16 and module.batch_lr_scale == pytest.approx(m * m)
     assert trainer.callback_metrics["abs/batch_size"] == 2000
+    assert trainer.callback_metrics["opt/batch_size"] == 2000  # the batch in use, not the base 500
     assert trainer.callback_metrics["abs/optimizer_steps"] == 16
     assert trainer.callback_metrics["abs/samples"] == 16000
 
@@ -114,6 +115,7 @@ def test_absa_replaces_exactly_the_floor_of_ratio_times_micro_batch(ratio, n):
         ({"duration": 0}, "duration"),
         ({"trigger": 1.0}, "trigger"),
         ({"lr_scaling": "cube"}, "lr_scaling"),
+        ({"policy": "gns"}, "policy"),
     ],
 )
 def test_bad_settings_are_refused_with_the_key_named(kwargs, key):
@@ -126,3 +128,27 @@ def test_bad_settings_are_refused_with_the_key_named(kwargs, key):
 def test_default_cap_is_128_base_batches_fitted_to_the_training_set():
     assert AdaptiveBatch().resolve(32, 4000) == 2048
     assert AdaptiveBatch().resolve(128, 10**6) == 128 * 128
+
+
+def test_noise_scale_policy_sets_the_batch_from_the_epochs_estimate(tmp_path):
+    from measures.batch_schedule import noise_batch
+
+    class Logged(AdaptiveBatch):
+        rows: list = []
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            before = self.state.batch_size
+            super().on_train_epoch_end(trainer, pl_module)
+            b_noise = float(trainer.callback_metrics["abs/noise_scale"])
+            self.rows.append((before, b_noise, self.state.batch_size, int(self._sums[2])))
+
+    cb = Logged(policy="noise_scale", max_batch_size=2000)
+    rec, trainer, module = fit(cb, SGDConfig(batch_size=250, lr=0.05), epochs=3, batch=250, tmp_path=tmp_path)
+    accs = [{a for e, a, _ in rec.steps if e == epoch} for epoch in range(3)]
+    assert accs[0] == {1}  # epoch 0: one micro-batch a step, consecutive steps paired (15 pairs of 16)
+    assert cb.rows[0][3] == 15
+    for (before, b_noise, after, n), acc in zip(cb.rows, accs, strict=True):
+        assert math.isfinite(b_noise) and n > 0
+        assert after == min(max(before, noise_batch(b_noise, 250, 2000)), 2000)
+        assert acc == {before // 250}  # the batch of the epoch, by accumulation
+    assert cb.state.lr_scale == pytest.approx(cb.state.batch_size / 250)

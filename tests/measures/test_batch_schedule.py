@@ -81,3 +81,48 @@ def test_adversarial_count_is_the_floor():
 def test_state_is_plain_data():
     s = BatchState(32, 1.5, 2, 4.0, 0.05, 2)
     assert BatchState(**s.__dict__) == s
+
+
+def test_noise_estimates_recover_a_known_gradient_and_covariance():
+    """Per-example gradients G + ε, ε ~ N(0, diag(σ²)): over many draws of a B_small and a B_big
+    batch (B_small of its samples), the estimates' means are |G|² and tr(Σ), and B_noise their ratio."""
+    import torch
+
+    from measures.batch_schedule import noise_estimates, noise_scale
+
+    gen = torch.Generator().manual_seed(0)
+    d, b_small, b_big, trials = 50, 8, 64, 4000
+    g = torch.linspace(-0.2, 0.3, d, dtype=torch.float64)
+    sigma = torch.linspace(0.5, 1.5, d, dtype=torch.float64)
+    eps = torch.randn(trials, b_big, d, generator=gen, dtype=torch.float64) * sigma
+    grads = g + eps
+    small_sq = grads[:, :b_small].mean(1).square().sum(1)
+    big_sq = grads.mean(1).square().sum(1)
+    sums = [0.0, 0.0]
+    for s, b in zip(small_sq.tolist(), big_sq.tolist(), strict=True):
+        g2, trace = noise_estimates(s, b, b_small, b_big)
+        sums = [sums[0] + g2, sums[1] + trace]
+    true_g2, true_trace = float(g.square().sum()), float(sigma.square().sum())
+    assert sums[0] / trials == pytest.approx(true_g2, rel=0.05)
+    assert sums[1] / trials == pytest.approx(true_trace, rel=0.02)
+    assert noise_scale(*sums) == pytest.approx(true_trace / true_g2, rel=0.06)
+    # exact on expectations: E|G_B|² = |G|² + tr(Σ)/B
+    assert noise_estimates(2 + 10 / 4, 2 + 10 / 16, 4, 16) == pytest.approx((2.0, 10.0))
+    with pytest.raises(ValueError):
+        noise_estimates(1.0, 1.0, 16, 16)
+
+
+def test_noise_policy_grows_to_the_next_power_of_two_capped_and_never_shrinks():
+    from measures.batch_schedule import BatchState, next_noise_state, noise_batch, noise_scale
+
+    assert [noise_batch(b, 32, 1024) for b in (-5.0, math.nan, 10.0, 32.0, 33.0, 64.0, 100.0, 5000.0)] == [
+        32, 32, 32, 32, 64, 64, 128, 1024,
+    ]  # fmt: skip
+    assert math.isnan(noise_scale(-1.0, 5.0))
+    s, why = next_noise_state(BatchState(64, adv_ratio=0.2), 300.0, base_batch=32, max_batch=1024)
+    assert (s.batch_size, s.lr_scale, s.adv_ratio, s.doublings, why) == (512, 8.0, 0.025, 3, "noise_scale")
+    s2, why = next_noise_state(s, 40.0, base_batch=32, max_batch=1024, lr_scaling="sqrt")
+    assert (s2.batch_size, s2.lr_scale, why) == (512, 8.0, "kept")
+    s3, why = next_noise_state(s, 2000.0, base_batch=32, max_batch=1024, lr_scaling="sqrt")
+    assert (s3.batch_size, s3.lr_scale, why) == (1024, pytest.approx(8 * math.sqrt(2)), "noise_scale")
+    assert next_noise_state(s3, 1e6, base_batch=32, max_batch=1024)[1] == "capped"
