@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytorch_lightning as pl
 import torch
@@ -79,7 +80,7 @@ class AdaptiveBatch(pl.Callback):
     **Logged** at every epoch end (CSV, ``results.json`` history, W&B; the last values are the
     record's ``final``): ``abs/batch_size`` (global batch of the epoch), ``abs/lr`` (the effective
     lr at its start), ``abs/adv_ratio`` (its adversarial share), ``abs/lambda`` (when measured),
-    ``abs/lambda_ref``, ``abs/optimizer_steps`` and ``abs/samples`` (so far), ``abs/doublings``.
+    ``abs/lambda_ref``, ``abs/optimizer_steps`` and ``abs/samples`` (so far), ``abs/doublings``, and ``abs/seconds`` (the time its own measurement took: the record's time split shows it beside training).
 
     **Distributed.** Every rank takes its contiguous block of the same ``B0`` images and the
     Hessian-vector products are all-reduced (:class:`measures.hessian.HessianOperator`), so every
@@ -349,6 +350,7 @@ class AdaptiveBatch(pl.Callback):
             "abs/adv_ratio": self._epoch_adv_ratio(trainer),
         }
         lam = None
+        start = time.perf_counter()  # the schedule's own cost: its measurement and decision
         if self.policy == "noise_scale":
             b_noise = self.epoch_noise_scale(pl_module)
             metrics["abs/noise_scale"] = b_noise
@@ -365,6 +367,8 @@ class AdaptiveBatch(pl.Callback):
                 trigger=self.trigger,
                 lr_scaling=self.lr_scaling,
             )
+        # "<part>/seconds": the record's time split counts it apart from training
+        metrics["abs/seconds"] = time.perf_counter() - start
         self.samples += self._epoch_samples
         if lam is not None:
             metrics["abs/lambda"] = lam
