@@ -1,8 +1,8 @@
 """The layout's import rules, read from the source with ``ast`` (nothing is imported to check them).
 
-Imports point one way: measures <- lightning_modules <- callbacks <- lifecycle <- entry points
-(train.py, measure.py, report.py, wandb_sync.py). ``measures`` is pure torch; ``callbacks`` holds only Lightning
-callbacks; nothing imports ``train``.
+Imports point one way: measures <- lightning_modules <- callbacks <- lifecycle <- reporting <- entry
+points (train.py, measure.py, report.py, wandb_sync.py). ``measures`` is pure torch; ``callbacks`` holds
+only Lightning callbacks; ``reporting`` reads records without torch or Lightning; nothing imports ``train``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 
 from tests.helpers import ROOT
 
-LAYERS = ["measures", "lightning_modules", "callbacks", "lifecycle"]
+LAYERS = ["measures", "lightning_modules", "callbacks", "lifecycle", "reporting"]
 ENTRY_POINTS = ["train", "measure", "report", "wandb_sync"]
 FRAMEWORKS = {"pytorch_lightning", "lightning", "hydra", "omegaconf", "wandb"}
 
@@ -63,6 +63,12 @@ def test_each_layer_imports_only_the_layers_below_it():
             if modules & above:
                 offenders[f] = sorted(modules & above)
     assert offenders == {}, f"imports that point up the layers: {offenders}"
+
+
+def test_reporting_reads_records_without_torch_lightning_or_the_training_code():
+    heavy = {"torch", "pytorch_lightning", "lightning", "measures", "callbacks", "lightning_modules"}
+    offenders = {f: sorted(m & heavy) for f, m in imports_of("reporting").items() if m & heavy}
+    assert offenders == {}, f"reporting/ must not import {sorted(heavy)}: {offenders}"
 
 
 def test_nothing_imports_train():
