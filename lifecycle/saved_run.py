@@ -41,6 +41,8 @@ def read_run(run_dir: Path) -> dict:
         record = read_record(run_dir / RECORD)
     except RecordError as e:
         raise Refused(str(e)) from None
+    if not (run_dir / RECORD).exists():
+        raise Refused(f"{run_dir} has no {RECORD}: is this a run directory of train.py?")
     if not record.get("config"):
         raise Refused(f"{run_dir}/{RECORD} has no config: is this a run directory of train.py?")
     if not isinstance(record.get("checkpoint_measurements", {}), dict):

@@ -76,7 +76,9 @@ def test_measure_refuses_a_directory_that_is_not_a_run(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "measure.py"), str(tmp_path)], cwd=ROOT, capture_output=True, text=True
     )
-    assert out.returncode != 0 and "no checkpoint" in out.stderr and "Traceback" not in out.stderr
+    # refused before anything is loaded: a run directory holds the record train.py wrote
+    assert out.returncode == 2 and "is this a run directory of train.py?" in out.stderr
+    assert f"{tmp_path} has no results.json" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_adversarial_training_lowers_attack_success(tmp_path):
