@@ -143,3 +143,28 @@ def test_input_curvature_on_the_checkpoint_equals_the_callbacks_final_measuremen
         else:
             assert measured[key] == pytest.approx(rec["final"][key], rel=1e-6, abs=1e-12), key
     assert rec["final"]["input/clean/frac_negative"] > 0  # softplus: negative input curvature
+
+
+def test_landscape_and_density_of_a_checkpoint_are_written_beside_the_run(tmp_path):
+    """``measure.py --landscape 1d 2d --density`` on a saved run: arrays and PNGs under measurements/,
+    the loss at the origin equal to the loss the run itself measured (eval mode, the same samples),
+    the curve's second difference along the unit top eigenvector close to its eigenvalue."""
+    import numpy as np
+
+    run_train([*TINY, "trainer.max_epochs=1", "~callbacks.adversarial"], tmp_path)
+    ((name, rec),) = records(tmp_path).items()
+    run_dir = tmp_path / "runs" / name
+    measure(str(run_dir), "--landscape", "1d", "2d", "--landscape-points", "5", "--landscape-eigen-range",
+            "0.02", "--density", "--density-steps", "10")  # fmt: skip
+    (npz,) = (run_dir / "measurements").glob("last-*_landscape.npz")
+    stem = npz.name.removesuffix("_landscape.npz")
+    for suffix in ("_landscape_1d.png", "_landscape_2d.png", "_density.png", "_density.npz", ".json"):
+        assert (run_dir / "measurements" / f"{stem}{suffix}").stat().st_size > 0, suffix
+    arrays = np.load(npz)
+    a, loss = arrays["eigen_1d/coords0"], arrays["eigen_1d/loss"]
+    assert len(a) == 5 and a[2] == 0
+    lam = float(arrays["eigenvalues"][0])
+    assert abs(lam - rec["final"]["hessian/lambda_1"]) <= 1e-3 * abs(lam)  # the run's own λ1
+    second = (loss[3] - 2 * loss[2] + loss[1]) / (a[3] - a[2]) ** 2
+    assert abs(second - lam) <= 0.05 * lam  # a small step along the unit eigenvector: curvature ≈ λ1
+    assert arrays["eigen_2d/loss"].shape == (5, 5) and arrays["random_2d/loss"].shape == (5, 5)

@@ -96,3 +96,38 @@ def test_draw_density_states_the_broadening_and_is_log_scaled(tmp_path):
     grid = np.linspace(-10, 15, 5001)
     mass = landscape.broadened(np.array([[0.0, 1.0, 5.0]]), np.array([[0.8, 0.15, 0.05]]), grid, 0.05)
     assert abs(mass.sum() * (grid[1] - grid[0]) - 1) < 1e-6  # a density: integrates to 1
+
+
+def test_the_landscape_figures_reach_the_reports_wandb_run_as_images(tmp_path, monkeypatch):
+    """``report.py --wandb`` (offline): every landscape and density PNG is in the run, read back with
+    W&B's own reader (the history rows name each image)."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import report
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    sweep = synthetic_sweep(tmp_path)
+    assert report.main([str(sweep), "--wandb"]) == 0
+    (log,) = (sweep / "report" / "wandb").glob("offline-run-*/run-*.wandb")
+    wandb_cli = shutil.which("wandb", path=os.path.dirname(sys.executable)) or "wandb"
+    out = subprocess.run([wandb_cli, "leet", "inspect", "--json", str(log)], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    images = set()
+    for line in out.stdout.splitlines():
+        rec = json.loads(line)
+        if rec.get("type") == "history":
+            images |= {k.split(".")[0] for k, v in rec["history"]["item"].items() if v == "image-file"}
+    expected = {
+        "landscape_1d_eigen",
+        "landscape_1d_random",
+        "landscape_2d_eigen",
+        "landscape_2d_random",
+        "density",
+    }
+    assert {f"figures/{name}" for name in expected} <= images, images
