@@ -296,6 +296,10 @@ def _write(p: Path, record: dict) -> None:
     text = json.dumps(plain(record), indent=1, allow_nan=False, default=str)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file private (0600); a record is as readable as any file the user writes
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, p)
