@@ -7,6 +7,14 @@ from pathlib import Path
 from lifecycle.record import RECORD, unconverged
 
 
+def _fmt(v, spec: str) -> str:
+    """A number as ``spec``, also a non-finite one as the record writes it ("nan"); else as text."""
+    try:
+        return format(float(v), spec)
+    except (TypeError, ValueError):
+        return str(v)
+
+
 def _settings_of(record: dict, prefix: str) -> dict:
     """The config of the callback that logs under ``prefix`` (its ``prefix`` key, else its name)."""
     callbacks = (record.get("config") or {}).get("callbacks") or {}
@@ -41,13 +49,12 @@ def summarize(record: dict, out_dir: Path) -> str:
     f = record.get("final", {})
 
     def num(key):
-        v = f.get(key)
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
+        return _fmt(f.get(key), ".4f")
 
     lines = [
         f"[train] status: {record.get('status')} (stopped: {record.get('stop_reason')}) "
         f"after {record.get('stopped_at_epoch')} epochs / {record.get('stopped_at_step')} steps, "
-        f"{record.get('wall_time_s', 0):.0f} s",
+        f"{_fmt(record.get('wall_time_s', 0), '.0f')} s",
         f"[train] train loss {num('train_eval/loss')}  acc {num('train_eval/acc')}   "
         f"test loss {num('test/loss')}  acc {num('test/acc')}   val acc {num('val/acc')}",
     ]
@@ -58,10 +65,12 @@ def summarize(record: dict, out_dir: Path) -> str:
             + ", ".join(f"{part} {s:.0f} s ({100 * s / wall:.0f}%)" for part, s in split.items())
         )
     hessian = [
-        f"{k.removeprefix('hessian/')} {f[k]:.4g}" for k in sorted(f) if k.startswith("hessian/lambda")
+        f"{k.removeprefix('hessian/')} {_fmt(f[k], '.4g')}"
+        for k in sorted(f)
+        if k.startswith("hessian/lambda")
     ]
     if "hessian/trace" in f:
-        hessian.append(f"trace {f['hessian/trace']:.4g}")
+        hessian.append(f"trace {_fmt(f['hessian/trace'], '.4g')}")
     if hessian:
         lines.append(f"[train] Hessian{unconverged_note(record, 'hessian')}: " + "  ".join(hessian))
     earlier: dict[str, list] = {}
@@ -76,7 +85,7 @@ def summarize(record: dict, out_dir: Path) -> str:
     for k in sorted(f, key=lambda k: (k.split("/eps")[0], float(k.split("/eps")[1]) if "/eps" in k else 0)):
         if k.startswith("adv/") and "/eps" in k:
             attack, eps = k.removeprefix("adv/").split("/eps")
-            attacks.setdefault(attack, []).append(f"{float(eps):g}:{f[k]:.3f}")
+            attacks.setdefault(attack, []).append(f"{float(eps):g}:{_fmt(f[k], '.3f')}")
     for attack, values in attacks.items():
         lines.append(f"[train] robust accuracy {attack} (eps:acc) " + " ".join(values))
     lines.append(

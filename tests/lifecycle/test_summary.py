@@ -29,3 +29,12 @@ def test_an_unconverged_trace_is_marked_and_earlier_unconverged_rows_are_listed(
     text = summarize({"config": CONFIG, "final": final, "unconverged": rows}, Path("run"))
     assert "[train] Hessian (UNCONVERGED: trace stderr 0.5 > trace_rtol 0.05 x |trace|): " in text
     assert "[train] UNCONVERGED hessian measurements at epoch(s) 1" in text
+
+
+def test_non_finite_values_as_the_record_writes_them_are_printed_not_a_traceback():
+    record = {"status": "diverged", "stop_reason": "diverged", "wall_time_s": "nan",
+              "final": {"train_eval/loss": "nan", "hessian/lambda_1": "inf", "hessian/trace": "nan",
+                        "adv/pgd_linf/eps0.1": "nan"}}  # fmt: skip
+    text = summarize(record, Path("/runs/x"))
+    assert "train loss nan" in text and "lambda_1 inf" in text and "trace nan" in text
+    assert "0.1:nan" in text and "nan s" in text
