@@ -97,23 +97,26 @@ def pyhessian_topk(model: nn.Module, loss_fn, x, y, k: int, loader, seed: int) -
     return torch.tensor(sorted(values, reverse=True), dtype=torch.float64), counter["n"]
 
 
-def curvlinops_topk(model: nn.Module, loss_fn, batches, k: int, tol: float) -> tuple[torch.Tensor, int]:
-    """curvlinops' HessianLinearOperator as a scipy operator, top-k by ``eigsh(which="LA")``, and its
-    products (matrix-vector products scipy asked for)."""
+def curvlinops_topk(
+    model: nn.Module, loss_fn, batches, k: int, tol: float, operator: str = "HessianLinearOperator"
+) -> tuple[torch.Tensor, int]:
+    """A curvlinops operator (``HessianLinearOperator``, ``GGNLinearOperator``, ...) as a scipy
+    operator, top-k by ``eigsh(which="LA")``, and its products (matrix-vector products scipy asked for)."""
+    import curvlinops
     import numpy as np
-    from curvlinops import HessianLinearOperator
     from scipy.sparse.linalg import LinearOperator, eigsh
 
     params = [p for p in model.parameters() if p.requires_grad]
-    hess = HessianLinearOperator(model, loss_fn, params, list(batches), check_deterministic=False).to_scipy()
+    cls = getattr(curvlinops, operator)
+    mat = cls(model, loss_fn, params, list(batches), check_deterministic=False).to_scipy()
     calls = {"n": 0}
 
     def mv(v):
         calls["n"] += 1
-        return hess @ v
+        return mat @ v
 
-    counted = LinearOperator(hess.shape, matvec=mv, dtype=hess.dtype)
-    v0 = np.random.default_rng(0).standard_normal(hess.shape[0]).astype(hess.dtype)
+    counted = LinearOperator(mat.shape, matvec=mv, dtype=mat.dtype)
+    v0 = np.random.default_rng(0).standard_normal(mat.shape[0]).astype(mat.dtype)
     values = eigsh(counted, k=k, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
     return torch.tensor(sorted(values.tolist(), reverse=True), dtype=torch.float64), calls["n"]
 

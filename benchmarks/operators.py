@@ -41,12 +41,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from curvlinops import GGNLinearOperator  # imported here, so that no timed run pays for an import
 from pyhessian import hessian
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # machine, hessian (the C1 bench)
-from hessian import EIGSH_TOLS, make_problem, rel_error  # noqa: E402
+from hessian import EIGSH_TOLS, curvlinops_topk, make_problem, rel_error  # noqa: E402
 from machine import cpu_model  # noqa: E402
 
 from measures.curvature import curvature_operator  # noqa: E402
@@ -98,18 +97,7 @@ def ours_ggn(model, loss_fn, x, y, k: int) -> tuple[torch.Tensor, int]:
 
 def curvlinops_ggn(model, loss_fn, x, y, k: int, tol: float) -> tuple[torch.Tensor, int]:
     """curvlinops' GGN as a scipy operator, top-k by ``eigsh(which="LA", tol)``, and its products."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    ggn = GGNLinearOperator(model, loss_fn, params, [(x, y)], check_deterministic=False).to_scipy()
-    calls = {"n": 0}
-
-    def mv(v):
-        calls["n"] += 1
-        return ggn @ v
-
-    counted = LinearOperator(ggn.shape, matvec=mv, dtype=ggn.dtype)
-    v0 = np.random.default_rng(0).standard_normal(ggn.shape[0]).astype(ggn.dtype)
-    values = eigsh(counted, k=k, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
-    return torch.tensor(sorted(values.tolist(), reverse=True), dtype=torch.float64), calls["n"]
+    return curvlinops_topk(model, loss_fn, [(x, y)], k, tol, operator="GGNLinearOperator")
 
 
 # ---- 2. Hessian trace --------------------------------------------------------------------------

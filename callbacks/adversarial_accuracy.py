@@ -116,12 +116,7 @@ class AdversarialAccuracy(EpochEndMeasurement):
         every_n_steps: int | None = None,
     ):
         super().__init__(every_n_epochs, at_end, prefix, every_n_steps)
-        check(
-            subset_size is None or (isinstance(subset_size, int) and subset_size >= 1),
-            "subset_size",
-            subset_size,
-            "must be a positive integer or null (all)",
-        )
+        self.check_subset_size(subset_size)
         check(all(a in ATTACKS for a in attacks), "attacks", list(attacks), f"allowed: {', '.join(ATTACKS)}")
         check(
             all(a in ATTACKS and a not in attacks for a in final_attacks),

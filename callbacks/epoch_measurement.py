@@ -128,6 +128,16 @@ class EpochEndMeasurement(pl.Callback):
         get = getattr(datamodule, "split_size", None)
         return None if get is None else get(split)
 
+    @staticmethod
+    def check_subset_size(subset_size) -> None:
+        """Refuse a fixed subset size that is not a positive integer (null: the whole split)."""
+        check(
+            subset_size is None or (isinstance(subset_size, int) and subset_size >= 1),
+            "subset_size",
+            subset_size,
+            "must be a positive integer or null (all)",
+        )
+
     def check_subset(self, datamodule, split: str, subset_size: int | None) -> None:
         """Refuse a fixed subset of ``subset_size`` samples larger than the datamodule's ``split``."""
         size = self.split_size(datamodule, split)

@@ -155,12 +155,7 @@ class HessianSpectrum(EpochEndMeasurement):
     ):
         super().__init__(every_n_epochs, at_end, prefix, every_n_steps)
         check(isinstance(k, int) and k >= 1, "k", k, "must be an integer >= 1")
-        check(
-            subset_size is None or (isinstance(subset_size, int) and subset_size >= 1),
-            "subset_size",
-            subset_size,
-            "must be a positive integer or null (all)",
-        )
+        self.check_subset_size(subset_size)
         check(
             isinstance(batch_size, int) and batch_size >= 1,
             "batch_size",

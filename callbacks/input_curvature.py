@@ -87,12 +87,7 @@ class InputCurvature(EpochEndMeasurement):
         if every_n_epochs is None and every_n_steps is None:
             every_n_epochs = 10**9  # only at the end (at_end): the measurement is for final models
         super().__init__(every_n_epochs, at_end, prefix, every_n_steps)
-        check(
-            subset_size is None or (isinstance(subset_size, int) and subset_size >= 1),
-            "subset_size",
-            subset_size,
-            "must be a positive integer or null (all)",
-        )
+        self.check_subset_size(subset_size)
         check(isinstance(batch_size, int) and batch_size >= 1, "batch_size", batch_size, "must be >= 1")
         check(isinstance(k, int) and k >= 1, "k", k, "must be an integer >= 1")
         check(
