@@ -362,6 +362,34 @@ def attacks(device: torch.device, s: dict, state: dict) -> None:
         row("attacks", f"robust masks {device.type} vs CPU, {'float64' if float64 else 'float32'}",
             f"{counts}; samples differing {diffs}; peak {mem}", verdict)  # fmt: skip
     against_torchattacks(device, x, y, state)
+    early_exit(device, x, y, state)
+
+
+def early_exit(device: torch.device, x: torch.Tensor, y: torch.Tensor, state: dict) -> None:
+    """PGD-10's robust count with early exit (compacting the batch, or collecting a mask) against
+    the attack without early exit: which is faster on this device (the default: compact on a CPU)."""
+    from measures.attacks import AttackWork
+    from measures.pgd import pgd_fooled_at_any_iterate, pgd_from
+
+    net = trained_lenet(state, False).to(device)
+    x, y = x.to(device), y.to(device)
+
+    def run(compact: bool | None) -> torch.Tensor:
+        with torch.enable_grad():
+            if compact is None:
+                adv = pgd_from(net, x, y, x, 0.1, 0.025, 10, "linf")
+                with torch.no_grad():
+                    return net(adv).argmax(1) == y
+            return ~pgd_fooled_at_any_iterate(net, x, y, x, 0.1, 0.025, 10, "linf", AttackWork(), compact)
+
+    t_full = timed(lambda: run(None), device)
+    times = {c: timed(lambda c=c: run(c), device) for c in (True, False)}
+    best = min(times, key=times.get)
+    row("attacks", f"PGD-10 early exit on {len(x)} digits: time / no early exit",
+        f"compacting {times[True] / t_full:.2f}x, mask {times[False] / t_full:.2f}x "
+        f"(no early exit {t_full * 1e3:.0f} ms)",
+        f"faster here: {'compacting' if best else 'mask'}; default on {device.type}: "
+        f"{'compacting' if device.type == 'cpu' else 'mask'}")  # fmt: skip
 
 
 def against_torchattacks(device: torch.device, x: torch.Tensor, y: torch.Tensor, state: dict) -> None:

@@ -175,14 +175,23 @@ def pgd_fooled_at_any_iterate(
     steps: int,
     norm: str,
     work,
+    compact: bool | None = None,
 ) -> torch.Tensor:
     """Which samples are misclassified at ANY PGD iterate (start, step 1, ..., step ``steps``).
 
-    A sample leaves the batch as soon as one iterate fools the model; the others keep
-    iterating exactly as they would in the full batch (eval mode: samples are independent).
-    Each iterate's logits serve both the check and the next gradient. No state handling (the
+    Each iterate's logits serve both the check and the next gradient. ``compact=True``: a sample
+    leaves the batch as soon as one iterate fools the model, the others keep iterating exactly as
+    they would in the full batch (eval mode: samples are independent), so the work shrinks, at
+    the price of a device-to-host sync and a gather per step that breaks one. ``compact=False``:
+    every sample takes every step and a mask collects the fooled ones (same result, no sync until
+    the end: what pays on a launch-bound GPU). ``None``: compact on a CPU, not on other devices
+    (``benchmarks/gpu_check.py`` times both on the device at hand). No state handling (the
     caller's); ``work``: a :class:`measures.attacks.AttackWork` increased by the work done.
     """
+    if compact is None:
+        compact = x.device.type == "cpu"
+    if not compact:
+        return _fooled_at_any_iterate_in_full(model, x, y, start, eps, alpha, steps, norm, work)
     broken = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     active = torch.arange(len(x), device=x.device)
     box = _linf_box(x, eps) if norm == "linf" else None
@@ -214,6 +223,26 @@ def pgd_fooled_at_any_iterate(
         if keep is not None:
             adv, grad = adv[keep], grad[keep]
         adv = _pgd_step(adv, grad, x, eps, alpha, norm, box)
+    return broken
+
+
+def _fooled_at_any_iterate_in_full(model, x, y, start, eps, alpha, steps, norm, work) -> torch.Tensor:
+    """:func:`pgd_fooled_at_any_iterate` without compaction: every sample takes every step."""
+    broken = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    box = _linf_box(x, eps) if norm == "linf" else None
+    adv = start.detach()
+    for k in range(steps + 1):
+        last = k == steps
+        with torch.set_grad_enabled(not last):
+            adv.requires_grad_(not last)
+            logits = model(adv)
+        broken |= logits.argmax(dim=1) != y
+        if last:
+            work.forwards += len(x)
+            break
+        work.gradients += len(x)
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), adv)
+        adv = _pgd_step(adv.detach(), grad, x, eps, alpha, norm, box)
     return broken
 
 

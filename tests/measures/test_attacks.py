@@ -23,7 +23,7 @@ from measures.attacks import (
 )
 from measures.batches import split_batches
 from measures.checks import gradient_masking_warnings
-from measures.pgd import fgsm, per_sample_unit_start, pgd
+from measures.pgd import fgsm, per_sample_unit_start, pgd, pgd_fooled_at_any_iterate
 from tests.helpers import attack_data as data
 from tests.helpers import small_cnn
 
@@ -321,6 +321,30 @@ def test_early_exit_equals_any_iterate_and_bounds_full(model_and_data, norm):
     e = robust_accuracy_counts(model, batches, SPECS, early_exit=True, seed=2)
     f = robust_accuracy_counts(model, batches, SPECS, early_exit=False, seed=2)
     assert all(e[k][0] <= f[k][0] for k in e) and e["clean"] == f["clean"]
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_early_exit_with_and_without_compaction_both_equal_the_any_iterate_reference(model_and_data, norm):
+    """Dropping fooled samples from the batch (CPU default) or keeping every sample and collecting a
+    mask (the GPU default) is a speed choice only: both = "fooled at some iterate", computed from
+    pgd(steps=k) for every k. Compaction does less work."""
+    model, x, y = model_and_data
+    model.eval()
+    eps, alpha, steps = (0.05, 0.02, 6) if norm == "linf" else (0.5, 0.2, 6)
+    fooled = torch.zeros(len(x), dtype=torch.bool)
+    with torch.no_grad():
+        for k in range(steps + 1):
+            adv = pgd(model, x, y, eps, alpha, k, norm=norm, random_start=False)
+            fooled |= model(adv).argmax(1) != y
+    assert 0 < int(fooled.sum()) < len(x)
+    works = {}
+    for compact in (True, False):
+        works[compact] = AttackWork()
+        with torch.enable_grad():
+            got = pgd_fooled_at_any_iterate(model, x, y, x, eps, alpha, steps, norm, works[compact], compact)
+        assert torch.equal(got, fooled), compact
+    assert works[False].gradients == len(x) * steps
+    assert works[True].gradients < works[False].gradients
 
 
 def test_adversarial_examples_dispatch(model_and_data):
