@@ -464,6 +464,7 @@ def main() -> int:
     p.add_argument("--skip", nargs="*", default=[], choices=["tests", "runs", "throughput", "hessian",
                    "products", "attacks", "sweep"], help="leave these sections out")  # fmt: skip
     p.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    p.add_argument("--jobs", type=int, default=None, help="jobs of the sweep section (GPU default 8)")
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -472,6 +473,8 @@ def main() -> int:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", 0)
     s, state = sizes(device, args.quick), {}
+    if args.jobs:
+        s["jobs"] = s["parallel"] = args.jobs
     started = time.perf_counter()
     print(f"machine: {machine(device)}", flush=True)
     plan = [
