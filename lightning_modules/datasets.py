@@ -112,6 +112,11 @@ class DataUnavailable(RuntimeError):
     """The dataset's files are not in data_dir and could not be downloaded."""
 
 
+PIXEL_VALUES = torch.arange(256, dtype=torch.uint8).float().div_(255)
+"""The float value of each uint8 pixel, divided on the CPU once: a CUDA division by a scalar
+multiplies by its reciprocal and can differ in the last bit, so every device looks pixels up here."""
+
+
 class ImageTensorDataset(Dataset):
     """uint8 images (N, C, H, W) + int labels; items are (float image in [0, 1], label)."""
 
@@ -120,12 +125,17 @@ class ImageTensorDataset(Dataset):
     ):
         self.images, self.targets = images, targets
         self.augment, self.crop_padding = augment, crop_padding
+        self._pixel_values = PIXEL_VALUES.to(images.device)
+
+    def _float(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels as floats in [0, 1] (:data:`PIXEL_VALUES`), the same on every device."""
+        return self._pixel_values[images.long()]
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, i):
-        x = self.images[i].float().div_(255)
+        x = self._float(self.images[i])
         if self.augment != "none":
             x = self._augment(x)
         return x, int(self.targets[i])
@@ -163,7 +173,7 @@ class ImageTensorDataset(Dataset):
         order (per item: the crop's top and left, then the flip with ``crop_flip``), so the crops
         and flips are those of the per-item path; only those draws (3 small ints per item) are
         copied to the tensors' device."""
-        x = self.images[idx].float().div_(255)
+        x = self._float(self.images[idx])
         y = self.targets[idx]
         if self.augment != "none":
             x = self._augment_batch(x)
