@@ -60,7 +60,8 @@ class EpochEndMeasurement(pl.Callback):
 
     What it needs of the datamodule: ``trainer.datamodule.measurement_dataset(split)``, an
     un-augmented ``"train"``/``"test"`` dataset of ``(image, label)`` items (see
-    :meth:`measurement_dataset`), and, for the attack callback, ``trainer.datamodule.info``
+    :meth:`measurement_dataset`; with ``data.on_device`` its tensors are already on the training
+    device, so a subset taken of it at ``setup`` is there once, not copied at each measurement), and, for the attack callback, ``trainer.datamodule.info``
     (a :class:`lightning_modules.data.DatasetInfo`); :class:`lightning_modules.data.ImageDataModule`
     has both.
     """

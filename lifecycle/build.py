@@ -249,9 +249,14 @@ def build_job(cfg: DictConfig, multirun: bool) -> Job:
     plan = validate(cfg, multirun)
     torch.manual_seed(cfg.seed)
     net = build_model(cfg)
-    datamodule = hydra.utils.instantiate(
-        cfg.data, batch_size=plan.global_batch, micro_batch_size=plan.micro_batch, seed=cfg.seed
-    )
+    try:
+        datamodule = hydra.utils.instantiate(
+            cfg.data, batch_size=plan.global_batch, micro_batch_size=plan.micro_batch, seed=cfg.seed
+        )
+    except InstantiationException as e:  # a value the datamodule refuses (data.on_device)
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__.under("data") from None
+        raise
     callbacks = build_named_callbacks(cfg)
     check_against_data(cfg, plan, net, datamodule, callbacks)
     module = SGDClassifier(

@@ -42,6 +42,7 @@ NOT_TRAINING = (
     "fault",
     "experiment_name",
     "data.num_workers",
+    "data.on_device",
     "data.data_dir",
     "data.download",
     "data.eval_batch_size",

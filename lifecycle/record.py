@@ -15,6 +15,8 @@ The schema, written by :mod:`lifecycle.job` and the record logger (:class:`lifec
   resolved config), ``identity`` (:mod:`lifecycle.identity`), ``batch_plan``, ``provenance``
   (where the result came from: commit, versions, machine), ``resumed_from``,
   ``accepted_code_changes``, ``error``;
+- ``data_on_device``: whether the training data was gathered on the device (``data.on_device``
+  resolved; see :data:`lightning_modules.data.ON_DEVICE`), as the latest segment ran it;
 - ``segments``: one entry per process that ran the job (``started_at``, ``from_step``,
   ``wall_time_s``, how it ``ended``; a segment killed without a word, e.g. by SIGKILL, keeps the
   wall time up to its last logged row and is marked ``killed`` by the next run); ``wall_time_s``
@@ -136,7 +138,7 @@ def _number(v: Any) -> float | int | None:
 class Field:
     """One top-level field of the record: its kind, whether null is allowed, what it holds."""
 
-    kind: str  # "str", "int", "number", "dict", "list", "str_list", "metrics", "steps", "rows"
+    kind: str  # "str", "int", "number", "bool", "dict", "list", "str_list", "metrics", "steps", "rows"
     nullable: bool = True
     doc: str = ""
 
@@ -149,6 +151,7 @@ SCHEMA: dict[str, Field] = {
     "batch_plan": Field("dict", doc="global batch, world size, per-device and micro batch"),
     "provenance": Field("dict", doc="commit, library versions, machine"),
     "resumed_from": Field("str", doc="the checkpoint the last segment resumed from"),
+    "data_on_device": Field("bool", doc="whether the latest segment gathered its batches on the device"),
     "accepted_code_changes": Field("list", doc="code changes a user accepted"),
     "error": Field("str", doc="why the job failed or was interrupted"),
     "traceback": Field("str", doc="the last lines of the failure's traceback"),
@@ -182,6 +185,8 @@ def _check_field(name: str, field: Field, v: Any) -> tuple[Any, str | None]:
     if kind == "number":
         n = _number(v)
         return (n, None) if n is not None else (None, f"is {v!r}, not a number")
+    if kind == "bool":
+        return (v, None) if isinstance(v, bool) else (None, f"is {v!r}, not true or false")
     if kind == "dict":
         return (v, None) if isinstance(v, dict) else (None, f"is a {type(v).__name__}, not an object")
     if kind == "list":

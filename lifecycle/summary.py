@@ -64,6 +64,15 @@ def summarize(record: dict, out_dir: Path) -> str:
             "[train] time: "
             + ", ".join(f"{part} {s:.0f} s ({100 * s / wall:.0f}%)" for part, s in split.items())
         )
+    if record.get("data_on_device") is not None:
+        lines.append(
+            "[train] data: "
+            + (
+                "gathered on the device (data.on_device)"
+                if record["data_on_device"]
+                else "DataLoader batches (data.on_device off)"
+            )
+        )
     hessian = [
         f"{k.removeprefix('hessian/')} {_fmt(f[k], '.4g')}"
         for k in sorted(f)

@@ -13,7 +13,7 @@ W&B whichever way it got there:
   it does not change; if it changes (a scheduled lr) it is charted, its earlier epochs included;
 - **summary** (:func:`summary_of`): the record's ``final`` as plain numbers under their logged
   names (non-finite ones as the record writes them: ``"nan"``, ``"inf"``), the run's ``status``, ``stop_reason``, ``reached_target``, ``epochs``, ``steps``,
-  ``wall_time_s`` and ``time/<part>`` (the record's ``time_split``), ``segments``, ``error``,
+  ``wall_time_s`` and ``time/<part>`` (the record's ``time_split``), ``segments``, ``error``, ``data_on_device``,
   ``unconverged`` (the prefixes of measurements that missed their stop, comma-separated; only
   when there are some: each row's ``<prefix>/converged`` stays in the history), and
   the best value of every accuracy and loss so far as ``best/<name>`` (epoch in
@@ -281,6 +281,7 @@ def summary_of(record: Mapping) -> dict[str, Any]:
         "wall_time_s": record.get("wall_time_s"),
         "segments": len(record.get("segments") or []) or None,
         "error": record.get("error"),
+        "data_on_device": record.get("data_on_device"),
     }
     out.update({k: v for k, v in facts.items() if v is not None})
     for part, seconds in (record.get("time_split") or {}).items():

@@ -11,6 +11,11 @@ in the model (:class:`lightning_modules.models.Normalize`). Augmentation applies
 batches only. Training batches come from :class:`GlobalBatchSampler`: one shuffled permutation
 per epoch, cut into global batches, each rank taking its slice; evaluation sets are sharded
 into contiguous blocks with no sample repeated, so summed counts are exact under DDP.
+
+``on_device`` (:data:`ON_DEVICE`): the splits' tensors can be moved to the training device once,
+at ``setup``, and every batch gathered there by index (:class:`DeviceLoader`,
+:class:`DeviceEvalLoader`): the same batches, values and resume points as the DataLoader path,
+without its per-item collate and per-step host-to-device copy.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from lightning_modules.datasets import (
     load_torchvision,
 )
 from lightning_modules.loaders import (
+    DeviceEvalLoader,
+    DeviceLoader,
     EpochPermutation,
     GlobalBatchSampler,
     ResumableLoader,
@@ -46,8 +53,12 @@ __all__ = [
     "CIFAR_EPS",
     "DATASETS",
     "MNIST_EPS",
+    "ON_DEVICE",
+    "ON_DEVICE_SHARE",
     "DataUnavailable",
     "DatasetInfo",
+    "DeviceEvalLoader",
+    "DeviceLoader",
     "EpochPermutation",
     "GlobalBatchSampler",
     "ImageDataModule",
@@ -58,6 +69,16 @@ __all__ = [
     "restore_loader_states",
 ]
 
+ON_DEVICE = ("auto", True, False)
+"""The values of ``data.on_device``: ``true`` gathers the batches from the splits' tensors on the
+training device (on a CPU run: from the CPU tensors, without a DataLoader); ``false`` uses
+DataLoaders; ``auto`` is ``true`` on a CUDA device when the splits take at most
+:data:`ON_DEVICE_SHARE` of its free memory, and the two paths give the same augmentations
+(``augment=none`` or ``num_workers=0``), else ``false``."""
+ON_DEVICE_SHARE = 0.25
+"""The share of the device's free memory (``torch.cuda.mem_get_info``) the splits may take under
+``on_device=auto``."""
+
 
 class ImageDataModule(pl.LightningDataModule):
     """Train / val / test loaders plus an un-augmented copy of the training set for measurements.
@@ -66,6 +87,9 @@ class ImageDataModule(pl.LightningDataModule):
     device processes per forward pass (per-device batch / gradient-accumulation steps). Validation
     runs three loaders: ``val`` (model selection), ``test`` and ``train_eval`` (a fixed subset of the
     training set, un-augmented, in eval mode: the train loss/accuracy of the generalization gap).
+    ``on_device``: see :data:`ON_DEVICE`; :attr:`data_on_device` says what it was resolved to
+    (None until a trainer's ``setup``), and the run record gets it (``data_on_device``) through
+    any logger with an ``annotate`` method.
     """
 
     EVAL_SETS = ("val", "test", "train_eval")
@@ -85,10 +109,24 @@ class ImageDataModule(pl.LightningDataModule):
         download: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        on_device: str | bool = "auto",
     ):
         super().__init__()
         if name not in DATASETS:
             raise ValueError(f"data.name={name!r} is not one of {sorted(DATASETS)}")
+        check(
+            on_device == "auto" or isinstance(on_device, bool),
+            "on_device",
+            on_device,
+            "allowed: auto, true, false",
+        )
+        check(
+            not (on_device is True and augment != "none" and num_workers > 0),
+            "on_device",
+            on_device,
+            f"with augment={augment} needs num_workers=0 (now {num_workers}): the DataLoader's workers "
+            "draw the crops and flips from their own seeds, which the device path cannot reproduce",
+        )
         self.name, self.data_dir, self.batch_size = name, data_dir, batch_size
         self.micro_batch_size = micro_batch_size or batch_size
         self.eval_batch_size, self.num_workers = eval_batch_size, num_workers
@@ -99,8 +137,11 @@ class ImageDataModule(pl.LightningDataModule):
             seed,
             drop_last,
         )
+        self.on_device = on_device
         self.info = DATASETS[name]
         self.splits: dict[str, ImageTensorDataset] = {}
+        self.data_on_device: bool | None = None
+        self._placed_on: torch.device | None = None
 
     def prepare_data(self) -> None:
         if self.name != "mnist5k":
@@ -108,8 +149,13 @@ class ImageDataModule(pl.LightningDataModule):
                 load_torchvision(self.name, self.data_dir, train, self.download)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
+        if not self.splits:
+            self._load()
+        strategy = getattr(self.trainer, "strategy", None)
+        if strategy is not None:
+            self._place(strategy.root_device)
+
+    def _load(self) -> None:
         if self.name == "mnist5k":
             images, targets = load_mnist5k()
             tr, va, te = _stratified_split(targets.numpy(), list(MNIST5K_SPLIT), seed=0)
@@ -122,17 +168,42 @@ class ImageDataModule(pl.LightningDataModule):
             full = ImageTensorDataset(images, targets, crop_padding=self.crop_padding)
             train, val = full.subset(torch.from_numpy(tr)), full.subset(torch.from_numpy(va))
             test = ImageTensorDataset(*load_torchvision(self.name, self.data_dir, False, download=False))
-        eval_idx = torch.arange(len(train))
+        train_eval = train  # the same tensors, so on the device too
         if self.train_eval_size is not None and self.train_eval_size < len(train):
             g = torch.Generator().manual_seed(12345)
-            eval_idx = torch.randperm(len(train), generator=g)[: self.train_eval_size].sort().values
+            train_eval = train.subset(
+                torch.randperm(len(train), generator=g)[: self.train_eval_size].sort().values
+            )
         self.splits = {
-            "train": train.subset(torch.arange(len(train)), augment=self.augment),
-            "train_eval": train.subset(eval_idx),
+            "train": ImageTensorDataset(train.images, train.targets, self.augment, self.crop_padding),
+            "train_eval": train_eval,
             "train_clean": train,
             "val": val,
             "test": test,
         }
+
+    def _place(self, device: torch.device) -> None:
+        """Resolve ``on_device`` for ``device`` and move every split's tensors there (or back to the
+        CPU) once; the loggers that can annotate the run (the run record) are told the outcome."""
+        if self._placed_on == device:
+            return
+        tensors = {id(t): t for ds in self.splits.values() for t in (ds.images, ds.targets)}
+        nbytes = sum(t.nbytes for t in tensors.values())
+        if self.on_device == "auto":
+            on = (
+                device.type == "cuda"
+                and nbytes <= ON_DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]
+                and (self.augment == "none" or self.num_workers == 0)
+            )
+        else:
+            on = bool(self.on_device)
+        target, moved = (device if on else torch.device("cpu")), {}
+        self.splits = {k: ds.to(target, moved) for k, ds in self.splits.items()}
+        self.data_on_device, self._placed_on = on, device
+        for logger in getattr(self.trainer, "loggers", None) or []:
+            annotate = getattr(logger, "annotate", None)
+            if callable(annotate):
+                annotate(data_on_device=on)
 
     def _n_val(self, n_train: int) -> int:
         return min(self.val_size, n_train // 5)  # check_sizes refuses a larger val_size
@@ -179,7 +250,9 @@ class ImageDataModule(pl.LightningDataModule):
             )
 
     def measurement_dataset(self, split: str) -> ImageTensorDataset:
-        """Un-augmented ``"train"`` or ``"test"`` set, for the measurement callbacks.
+        """Un-augmented ``"train"`` or ``"test"`` set, for the measurement callbacks: on the
+        training device once a trainer's ``setup`` has put the data there (``on_device``), so the
+        fixed subsets the callbacks take of it are on the device from the start.
 
         This method and :attr:`info` are what a measurement callback asks of a datamodule (see
         :class:`callbacks.epoch_measurement.EpochEndMeasurement`)."""
@@ -195,6 +268,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> ResumableLoader:
         rank, world = self._rank_world()
+        epoch_of = self._current_epoch if self.trainer is not None else None
         sampler = GlobalBatchSampler(
             len(self.splits["train"]),
             self.batch_size,
@@ -204,18 +278,23 @@ class ImageDataModule(pl.LightningDataModule):
             self.seed,
             drop_last=self.drop_last,
         )
+        if self.data_on_device:
+            return DeviceLoader(self.splits["train"], sampler, workers=self.num_workers, epoch_of=epoch_of)
         return ResumableLoader(
             self.splits["train"],
             batch_sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            epoch_of=self._current_epoch if self.trainer is not None else None,
+            epoch_of=epoch_of,
         )
 
     def _eval_loader(self, split: str) -> DataLoader:
         rank, world = self._rank_world()
         ds = self.splits[split]
         mine = shard_for_rank(torch.arange(len(ds)), rank, world)
+        if self.data_on_device:
+            start = int(mine[0]) if len(mine) else 0  # a contiguous block
+            return DeviceEvalLoader(ds, start, start + len(mine), self.eval_batch_size)
         return DataLoader(
             torch.utils.data.Subset(ds, mine.tolist()),
             batch_size=self.eval_batch_size,

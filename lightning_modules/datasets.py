@@ -112,6 +112,11 @@ class DataUnavailable(RuntimeError):
     """The dataset's files are not in data_dir and could not be downloaded."""
 
 
+PIXEL_VALUES = torch.arange(256, dtype=torch.uint8).float().div_(255)
+"""The float value of each uint8 pixel, divided on the CPU once: a CUDA division by a scalar
+multiplies by its reciprocal and can differ in the last bit, so every device looks pixels up here."""
+
+
 class ImageTensorDataset(Dataset):
     """uint8 images (N, C, H, W) + int labels; items are (float image in [0, 1], label)."""
 
@@ -120,12 +125,17 @@ class ImageTensorDataset(Dataset):
     ):
         self.images, self.targets = images, targets
         self.augment, self.crop_padding = augment, crop_padding
+        self._pixel_values = PIXEL_VALUES.to(images.device)
+
+    def _float(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels as floats in [0, 1] (:data:`PIXEL_VALUES`), the same on every device."""
+        return self._pixel_values[images.long()]
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, i):
-        x = self.images[i].float().div_(255)
+        x = self._float(self.images[i])
         if self.augment != "none":
             x = self._augment(x)
         return x, int(self.targets[i])
@@ -142,6 +152,51 @@ class ImageTensorDataset(Dataset):
 
     def subset(self, indices: torch.Tensor, augment: str = "none") -> ImageTensorDataset:
         return ImageTensorDataset(self.images[indices], self.targets[indices], augment, self.crop_padding)
+
+    def to(self, device: torch.device | str, moved: dict | None = None) -> ImageTensorDataset:
+        """This dataset with its tensors on ``device``; ``moved`` (``id(tensor) -> copy``) lets
+        datasets that share a tensor share its copy too."""
+        moved = {} if moved is None else moved
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in moved:
+                moved[id(t)] = t.to(device)
+            return moved[id(t)]
+
+        return ImageTensorDataset(move(self.images), move(self.targets), self.augment, self.crop_padding)
+
+    def batch(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The items ``idx`` as one batch, gathered where the tensors are: what a DataLoader
+        (``num_workers=0``) collates from ``self[i]`` for ``i`` in ``idx``, value for value.
+
+        Augmentation draws the same random numbers from the global CPU generator, in the same
+        order (per item: the crop's top and left, then the flip with ``crop_flip``), so the crops
+        and flips are those of the per-item path; only those draws (3 small ints per item) are
+        copied to the tensors' device."""
+        x = self._float(self.images[idx])
+        y = self.targets[idx]
+        if self.augment != "none":
+            x = self._augment_batch(x)
+        return x, y
+
+    def _augment_batch(self, x: torch.Tensor) -> torch.Tensor:
+        p, (n, _, h, w) = self.crop_padding, x.shape
+        draws = []
+        for _ in range(n):  # the draws of _augment, item by item
+            top, left = torch.randint(0, 2 * p + 1, (2,)).tolist()
+            flip = self.augment == "crop_flip" and bool(torch.rand(()) < 0.5)
+            draws.append((top, left, flip))
+        top, left, flip = torch.tensor(draws, dtype=torch.long).to(x.device).unbind(1)
+        padded = torch.nn.functional.pad(x, (p, p, p, p)).permute(0, 2, 3, 1)  # (N, H+2p, W+2p, C)
+        cols = torch.arange(w, device=x.device)
+        cols = torch.where(flip.bool()[:, None], w - 1 - cols, cols)  # a flip reads the window backwards
+        rows = top[:, None] + torch.arange(h, device=x.device)
+        items = torch.arange(n, device=x.device)[:, None, None]
+        return (
+            padded[items, rows[:, :, None], (left[:, None] + cols)[:, None, :]]
+            .permute(0, 3, 1, 2)
+            .contiguous()
+        )
 
 
 def _stratified_split(targets: np.ndarray, sizes: list[int], seed: int) -> list[np.ndarray]:

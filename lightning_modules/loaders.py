@@ -1,5 +1,6 @@
 """The training loader and its sampler: exact global batches on any device count, resumable
-mid-epoch at the exact batch (:class:`GlobalBatchSampler`, :class:`ResumableLoader`)."""
+mid-epoch at the exact batch (:class:`GlobalBatchSampler`, :class:`ResumableLoader`); the same
+batches gathered from tensors on the device (:class:`DeviceLoader`, :class:`DeviceEvalLoader`)."""
 
 from __future__ import annotations
 
@@ -101,16 +102,21 @@ class GlobalBatchSampler(Sampler[list[int]]):
             "shuffle": self.shuffle,
         }
 
-    def __iter__(self) -> Iterator[list[int]]:
-        # read at the first next(), not at iter(): a DataLoader with workers makes (and drops) an
-        # iterator before the one it reads
+    def index_batches(self) -> list[torch.Tensor]:
+        """This rank's batches of the epoch as index tensors, after the skip of :meth:`skip_next`
+        (which they use up): what an iteration yields, as lists."""
         skip, self._skip = self._skip, 0
         mine = (
             m
             for gb in self._global_batches()
             for m in shard_for_rank(gb, self.rank, self.world).split(self.micro)
         )
-        yield from (m.tolist() for m in itertools.islice(mine, skip, None))
+        return list(itertools.islice(mine, skip, None))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # read at the first next(), not at iter(): a DataLoader with workers makes (and drops) an
+        # iterator before the one it reads
+        yield from (m.tolist() for m in self.index_batches())
 
     def __len__(self) -> int:
         return sum(
@@ -191,9 +197,66 @@ class ResumableLoader(DataLoader):
             )
         self._epoch, self._done, self._length = epoch, skip, len(sampler)
         sampler.skip_next(skip)
-        for batch in super().__iter__():
+        for batch in self._batches():
             self._done += 1
             yield batch
+
+    def _batches(self) -> Iterator:
+        """The epoch's batches (after the sampler's skip): the DataLoader's own iteration."""
+        return super().__iter__()
+
+
+def draw_like_a_dataloader_iterator() -> None:
+    """Draw what a ``DataLoader`` iterator draws from the global generator when it is made (its
+    workers' base seed, also with no workers), so a loader that is no DataLoader iteration leaves
+    the global random stream where the DataLoader path leaves it (dropout, adversarial starts and
+    augmentation then draw the same numbers on both paths)."""
+    torch.empty((), dtype=torch.int64).random_()
+
+
+class DeviceLoader(ResumableLoader):
+    """:class:`ResumableLoader` whose batches are gathered from tensors already on the device.
+
+    ``dataset`` (:class:`lightning_modules.datasets.ImageTensorDataset`) lives on the training
+    device; each epoch this rank's batch indices (:meth:`GlobalBatchSampler.index_batches`: the
+    same batches, shards and resume point as the DataLoader path) are copied there once, and each
+    batch is one index gather (:meth:`~lightning_modules.datasets.ImageTensorDataset.batch`):
+    no per-item collate, no per-step copy of the images. ``workers``: the ``num_workers`` the
+    DataLoader path would have; its persistent iterator draws its seed once, else once an epoch
+    (:func:`draw_like_a_dataloader_iterator`).
+    """
+
+    def __init__(self, dataset, batch_sampler: GlobalBatchSampler, workers: int = 0, **kwargs):
+        super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
+        self.workers, self._drawn = workers, False
+
+    def _batches(self) -> Iterator:
+        if self.workers == 0 or not self._drawn:
+            draw_like_a_dataloader_iterator()
+            self._drawn = True
+        batches = self.batch_sampler.index_batches()
+        if not batches:
+            return
+        device = self.dataset.targets.device
+        for idx in torch.cat(batches).to(device).split([len(b) for b in batches]):
+            yield self.dataset.batch(idx)
+
+
+class DeviceEvalLoader(DataLoader):
+    """An evaluation loader over the samples ``start..stop-1`` of a dataset on the device: the
+    batches of ``DataLoader(Subset(dataset, range(start, stop)), batch_size)``, each one slice."""
+
+    def __init__(self, dataset, start: int, stop: int, batch_size: int):
+        super().__init__(torch.utils.data.Subset(dataset, range(start, stop)), batch_size=batch_size)
+        self.images_of, self.start, self.stop = dataset, start, stop
+
+    def __iter__(self) -> Iterator:
+        draw_like_a_dataloader_iterator()  # a DataLoader makes its iterator (and draws) here, not at next()
+        return self._slices()
+
+    def _slices(self) -> Iterator:
+        for s in range(self.start, self.stop, self.batch_size):
+            yield self.images_of.batch(slice(s, min(s + self.batch_size, self.stop)))
 
 
 def restore_loader_states(trainer: pl.Trainer) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import stat
 
+import pytest
+
 from lifecycle.record import update_record, write_record
 
 
@@ -22,3 +24,11 @@ def test_a_written_record_has_the_permissions_of_an_ordinary_file(tmp_path):
         "results.json",
         "results.json.lock",
     ]
+
+
+def test_data_on_device_is_true_or_false():
+    from lifecycle.record import RecordError, check_record
+
+    assert check_record({"status": "running", "data_on_device": True})["data_on_device"] is True
+    with pytest.raises(RecordError, match="data_on_device"):
+        check_record({"status": "running", "data_on_device": "yes"})

@@ -38,3 +38,12 @@ def test_non_finite_values_as_the_record_writes_them_are_printed_not_a_traceback
     text = summarize(record, Path("/runs/x"))
     assert "train loss nan" in text and "lambda_1 inf" in text and "trace nan" in text
     assert "0.1:nan" in text and "nan s" in text
+
+
+def test_the_data_path_that_ran_is_printed_when_the_record_has_it():
+    def data_lines(record):
+        return [x for x in summarize(record, Path("run")).splitlines() if x.startswith("[train] data:")]
+
+    assert data_lines({"data_on_device": True}) == ["[train] data: gathered on the device (data.on_device)"]
+    assert data_lines({"data_on_device": False}) == ["[train] data: DataLoader batches (data.on_device off)"]
+    assert data_lines({}) == []  # a record from before the field existed

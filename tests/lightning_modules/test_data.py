@@ -10,8 +10,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_modules.config import ConfigError
 from lightning_modules.data import (
     DataUnavailable,
+    DeviceEvalLoader,
+    DeviceLoader,
     GlobalBatchSampler,
     ImageDataModule,
     ImageTensorDataset,
@@ -247,3 +250,138 @@ def test_torchvision_files_in_data_dir_are_loaded_in_pixel_space(tmp_path):
         )
     images, targets = load_torchvision("mnist", str(tmp_path), train=False, download=False)
     assert images.shape == (4, 1, 28, 28) and targets.tolist() == [0, 1, 2, 3]
+
+
+# ---- data.on_device: the same batches gathered from tensors on the device ------------------------
+def _images(n: int = 37) -> ImageTensorDataset:
+    g = torch.Generator().manual_seed(7)
+    return ImageTensorDataset(
+        torch.randint(0, 256, (n, 1, 6, 5), dtype=torch.uint8, generator=g), torch.arange(n), crop_padding=2
+    )
+
+
+def _both_loaders(ds, batch, micro, rank, world, workers=0):
+    """The DataLoader path and the gather path over ``ds`` (its CPU tensors), same layout."""
+
+    def sampler():
+        return GlobalBatchSampler(len(ds), batch, micro, rank, world, seed=5)
+
+    return (
+        ResumableLoader(ds, batch_sampler=sampler(), num_workers=workers, persistent_workers=workers > 0),
+        DeviceLoader(ds, sampler(), workers=workers),
+    )
+
+
+def _epochs(loader, epochs, seed=0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(seed)
+    out = []
+    for epoch in epochs:
+        loader.batch_sampler.set_epoch(epoch)
+        out += list(loader)
+    return out
+
+
+def _assert_same_batches(a, b) -> None:
+    assert len(a) == len(b) > 0
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert xa.dtype == xb.dtype == torch.float32 and ya.dtype == yb.dtype == torch.long
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.mark.parametrize("augment", ["none", "crop", "crop_flip"])
+@pytest.mark.parametrize("rank,world,micro", [(0, 1, 8), (0, 1, 4), (0, 2, 4), (1, 2, 4), (1, 2, 2)])
+def test_on_device_gives_the_dataloader_batches_for_two_epochs(augment, rank, world, micro):
+    """Every batch of 2 epochs, on one rank and on each of two: the same indices (the targets are the
+    indices here), the same pixels, the same crops and flips, and the global random stream left in the
+    same state (a DataLoader iterator draws from it when it is made)."""
+    ds = _images()
+    ds.augment = augment
+    loader, device = _both_loaders(ds, 8, micro, rank, world)
+    expected = _epochs(loader, (0, 1))
+    state = torch.get_rng_state()
+    got = _epochs(device, (0, 1))
+    _assert_same_batches(expected, got)
+    assert torch.equal(torch.get_rng_state(), state)
+    s = GlobalBatchSampler(len(ds), 8, micro, rank, world, seed=5)
+    assert [y.tolist() for _, y in got[: len(s)]] == list(s)  # epoch 0: the sampler's own batches
+    if augment != "none":  # the crops did happen (the unaugmented pixels differ)
+        assert not all(torch.equal(x, ds.images[y].float() / 255) for x, y in got)
+
+
+@pytest.mark.parametrize("rank,world", [(0, 1), (0, 2), (1, 2)])
+@pytest.mark.parametrize("augment", ["none", "crop_flip"])
+def test_on_device_resumes_mid_epoch_at_the_dataloader_batch(rank, world, augment):
+    ds = _images()
+    ds.augment = augment
+    interrupted, _ = _both_loaders(ds, 8, 4, 0, world)
+    interrupted.batch_sampler.set_epoch(1)
+    list(itertools.islice(iter(interrupted), 3))
+    state = interrupted.state_dict()
+    assert state["batches"] == 3
+    rests = []
+    for resumed in _both_loaders(ds, 8, 4, rank, world):
+        resumed.load_state_dict(state)
+        rests.append(_epochs(resumed, (1, 2), seed=3))  # the rest of epoch 1, then epoch 2
+    _assert_same_batches(*rests)
+    full, _ = _both_loaders(ds, 8, 4, rank, world)
+    full.batch_sampler.set_epoch(1)
+    assert len(rests[0]) == len(full) - 3 + len(full)
+
+
+def test_on_device_with_workers_draws_the_global_stream_as_persistent_workers_do():
+    ds = _images()
+    loader, device = _both_loaders(ds, 8, 4, 0, 1, workers=1)
+    expected = _epochs(loader, (0, 1, 2))
+    state = torch.get_rng_state()
+    _assert_same_batches(expected, _epochs(device, (0, 1, 2)))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+class _Annotations:
+    def __init__(self):
+        self.fields = {}
+
+    def annotate(self, **fields):
+        self.fields.update(fields)
+
+
+def _datamodule(on_device, trainer_device="cpu", **kwargs):
+    dm = ImageDataModule("mnist5k", batch_size=500, eval_batch_size=300, on_device=on_device, **kwargs)
+    record = _Annotations()
+    dm.trainer = SimpleNamespace(
+        global_rank=0,
+        world_size=1,
+        current_epoch=1,
+        strategy=SimpleNamespace(root_device=torch.device(trainer_device)),
+        loggers=[record],
+    )
+    dm.setup("fit")
+    return dm, record
+
+
+def test_datamodule_on_device_true_false_give_the_same_train_and_eval_batches():
+    on, on_record = _datamodule(True, train_eval_size=700)
+    off, off_record = _datamodule(False, train_eval_size=700)
+    assert (on.data_on_device, on_record.fields) == (True, {"data_on_device": True})
+    assert (off.data_on_device, off_record.fields) == (False, {"data_on_device": False})
+    assert isinstance(on.train_dataloader(), DeviceLoader)
+    assert not isinstance(off.train_dataloader(), DeviceLoader)
+    torch.manual_seed(0)
+    expected = list(off.train_dataloader())
+    torch.manual_seed(0)
+    _assert_same_batches(expected, list(on.train_dataloader()))
+    for a, b in zip(off.val_dataloader(), on.val_dataloader(), strict=True):
+        assert isinstance(b, DeviceEvalLoader) and len(a) == len(b)
+        _assert_same_batches(list(a), list(b))
+    # the measurement callbacks' split is the placed one, unaugmented
+    assert on.measurement_dataset("train").images is on.splits["train"].images
+
+
+def test_on_device_auto_is_off_on_cpu_and_bad_values_are_refused():
+    dm, record = _datamodule("auto")
+    assert dm.data_on_device is False and record.fields == {"data_on_device": False}
+    for bad in ("yes", 1, None, "True"):
+        with pytest.raises(ConfigError, match=r"on_device=.* allowed: auto, true, false"):
+            ImageDataModule("mnist5k", on_device=bad)
+    with pytest.raises(ConfigError, match="num_workers=0"):
+        ImageDataModule("mnist5k", on_device=True, augment="crop", num_workers=2)
