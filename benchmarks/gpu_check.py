@@ -195,7 +195,7 @@ def default_run(device: torch.device, s: dict, state: dict) -> None:
     split = time_split(rec)
     row(
         "default run",
-        f"time split ({s['epochs']} epochs)",
+        f"time split ({s['epochs']} epochs, data_on_device {rec.get('data_on_device')})",
         ", ".join(f"{k} {v:.1f} s" for k, v in split.items()),
     )
     floor = plain_floor(device, s["epochs"])
