@@ -440,7 +440,8 @@ def _failed(job: _Job, e: Exception) -> JobOutcome:
             traceback="".join(tail),
         )
     traceback.print_exc()
-    print(f"[train] failed: {type(e).__name__}: {e} (recorded in {job.record_path})", file=sys.stderr)
+    where = f"recorded in {job.record_path}" if job.rank_zero else "global rank 0 records the job"
+    print(f"[train] failed: {type(e).__name__}: {e} ({where})", file=sys.stderr)
     return JobOutcome(job.out_dir, EXIT_FAILED)
 
 

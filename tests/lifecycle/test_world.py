@@ -115,3 +115,20 @@ def test_fresh_on_a_rank_other_than_zero_deletes_nothing_and_neither_reports_nor
     assert "already finished" not in out.out and "cannot be read" not in out.err
     assert "Lightning made this process global rank 0 of 1" in out.err and "said it is not rank 0" in out.err
     assert {p: p.read_bytes() for p in job.rglob("*") if p.is_file()} == before  # no lock, no record
+
+
+def test_a_failure_on_a_rank_other_than_zero_is_not_recorded_there(compose, tmp_path, capsys):
+    """Under torchrun, another rank fails when rank 0 is refused (e.g. the job's lock is held by a
+    running launch, whose record this must leave alone) or dies: it neither writes nor claims to."""
+    from lifecycle.job import _failed, _Job
+
+    job = _Job(compose([]), tmp_path, multirun=False, rank_zero=False)
+    try:
+        raise RuntimeError("the connection to rank 0 closed")
+    except RuntimeError as e:
+        outcome = _failed(job, e)
+    assert outcome.exit_code == 1 and not any(tmp_path.iterdir())
+    err = capsys.readouterr().err
+    assert (
+        "[train] failed: RuntimeError: the connection to rank 0 closed (global rank 0 records the job)" in err
+    )
