@@ -68,7 +68,7 @@ from lifecycle.record import (
 )
 from lifecycle.rundir import RunDirError, check_inside
 from lifecycle.summary import summarize
-from lifecycle.world import check_rank, describe_process, is_global_zero, world_of
+from lifecycle.world import check_rank, check_world, describe_process, is_global_zero, world_of
 from lightning_modules.config import ConfigError
 from lightning_modules.data import DataUnavailable
 from lightning_modules.models import has_batchnorm
@@ -321,6 +321,7 @@ def _prepare_trainer(job: _Job, built: Job, resume_step: int) -> pl.Trainer:
         )
     except Exception as e:  # a trainer argument Lightning refuses
         raise JobRefused(f"trainer: {_cause(e)}") from None
+    check_world(trainer, built.plan.world_size)
     check_rank(trainer, job.rank_zero)
     if trainer.world_size > 1:
         print(describe_process(trainer))

@@ -35,6 +35,31 @@ def is_global_zero() -> bool:
     return int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0"))) == 0
 
 
+def check_world(trainer, world_size: int) -> None:
+    """Refuse a launch of another shape than the config's: ``trainer.devices`` processes on each
+    of ``trainer.num_nodes`` nodes, ``world_size`` in all (the batch plan splits the global batch
+    that many ways).
+
+    Under torchrun or SLURM the Trainer takes the world size from the launcher's environment and
+    does not compare it with ``devices`` and ``num_nodes`` (its cluster environments'
+    ``validate_settings`` run only when Lightning starts the processes itself): a mismatch would
+    train with another global batch, silently. So the cluster environment's own check runs here,
+    and the world size is compared whatever the environment."""
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    if env is not None:
+        try:
+            env.validate_settings(num_devices=trainer.num_devices, num_nodes=trainer.num_nodes)
+        except ValueError as e:
+            raise JobRefused(f"trainer: {e} ({type(env).__name__})") from None
+    if trainer.world_size != world_size:
+        raise JobRefused(
+            f"the launcher started {trainer.world_size} processes ({type(env).__name__}), but the config "
+            f"asks for {world_size} (trainer.devices x trainer.num_nodes): the global batch would be split "
+            f"{world_size} ways on {trainer.world_size} processes. Set trainer.devices (processes per node) "
+            "and trainer.num_nodes to the launch."
+        )
+
+
 def check_rank(trainer, rank_zero: bool) -> None:
     """Refuse a job whose Trainer places this process at another rank than :func:`is_global_zero`
     said (a launch it misread would have two writers or none)."""

@@ -16,7 +16,7 @@ from pytorch_lightning import Trainer
 from pytorch_lightning.utilities import rank_zero_only
 
 from lifecycle.loggers import build_loggers
-from lifecycle.world import RANK_VARIABLES, check_rank, is_global_zero, world_of
+from lifecycle.world import RANK_VARIABLES, check_rank, check_world, is_global_zero, world_of
 
 LAUNCH_VARIABLES = (*RANK_VARIABLES, "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID",
                     "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_NNODES", "SLURM_NTASKS_PER_NODE",
@@ -132,3 +132,38 @@ def test_a_failure_on_a_rank_other_than_zero_is_not_recorded_there(compose, tmp_
     assert (
         "[train] failed: RuntimeError: the connection to rank 0 closed (global rank 0 records the job)" in err
     )
+
+
+@pytest.mark.parametrize(
+    "launch,devices,nodes,message",
+    [
+        (torchrun, 1, 1, r"the product \(1 \* 1\) does not match the world size \(2\)"),
+        (slurm, 2, 2, r"`devices=2` in Lightning, but the number of tasks per node .* `--ntasks-per-node=1`"),
+        (slurm, 1, 1, r"`num_nodes=1` in Lightning, but the number of nodes .* `--nodes=2`"),
+    ],
+)
+def test_a_launch_of_another_shape_than_the_config_is_refused(monkeypatch, launch, devices, nodes, message):
+    """The Trainer takes the world size from torchrun's or SLURM's environment without comparing it
+    with devices x num_nodes; the batch plan would split the global batch the wrong number of ways."""
+    from lifecycle.guards import JobRefused
+
+    launched(monkeypatch, launch(1))
+    trainer = Trainer(accelerator="cpu", devices=devices, num_nodes=nodes, strategy="ddp", logger=False)
+    assert trainer.world_size == 2  # Lightning alone lets it through
+    with pytest.raises(JobRefused, match=message):
+        check_world(trainer, devices * nodes)
+
+
+def test_a_world_size_other_than_the_plans_is_refused(monkeypatch):
+    """SLURM's per-node and node counts match the config, its task count does not: Lightning's SLURM
+    check lets it through, the world size does not."""
+    from lifecycle.guards import JobRefused
+
+    launched(monkeypatch, slurm(0))
+    trainer = Trainer(accelerator="cpu", devices=1, num_nodes=2, strategy="ddp", logger=False)
+    check_world(trainer, 2)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    with pytest.raises(
+        JobRefused, match=r"started 4 processes \(SLURMEnvironment\), but the config asks for 2 "
+    ):
+        check_world(trainer, 2)
