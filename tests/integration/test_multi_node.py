@@ -1,6 +1,6 @@
-"""Multi-node runs on one machine: two "nodes" of one CPU process each (gloo), started by torchrun
-or with the environment SLURM gives a 2-node x 1-task allocation (``srun`` absent), through
-``train.py`` as a user starts it.
+"""Multi-node runs on one machine: two "nodes" of one CPU process each (gloo), started by torchrun,
+with the environment SLURM gives a 2-node x 1-task allocation (``srun`` absent), or by Lightning
+itself (``NODE_RANK`` on each node), through ``train.py`` as a user starts it.
 
 Lightning finds the world in the launcher's environment (each process prints its rank, the record
 keeps the world of each segment); everything in the run directory is written once, by global rank
@@ -32,10 +32,15 @@ COMMON = ["model=mlp", "model.hidden=[32]", "threads=1", "trainer.precision=64-t
           "callbacks.hessian.k=2", "trainer.enable_progress_bar=false"]  # fmt: skip
 SHAPES = {
     "torchrun": ["trainer=multi_node_cpu"],
+    "lightning": ["trainer=multi_node_cpu"],
     "slurm": ["trainer=slurm", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2",
               "trainer.sync_batchnorm=false"],
 }  # fmt: skip
-ENVIRONMENT = {"torchrun": "TorchElasticEnvironment", "slurm": "SLURMEnvironment"}
+ENVIRONMENT = {
+    "torchrun": "TorchElasticEnvironment",
+    "slurm": "SLURMEnvironment",
+    "lightning": "LightningEnvironment",
+}
 LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "TORCHELASTIC_RUN_ID",
                     "MASTER_ADDR", "MASTER_PORT")  # fmt: skip
 # Keys of ``final`` that differ between 1 and 2 processes by design (as in test_measurements_in_training)
@@ -61,8 +66,11 @@ def launch(shape: str, args: list[str], log_dir: Path, out: Path) -> list[subpro
             cmd = [str(torchrun), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
                    "--master_addr", "127.0.0.1", "--master_port", str(port), "train.py", *args]  # fmt: skip
             env = base
-        else:
+        elif shape == "slurm":
             cmd, env = [sys.executable, "train.py", *args], {**base, **slurm_env(node, port)}
+        else:  # Lightning's own launch: on each node, its rank and the address of node 0
+            rendezvous = {"NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            cmd, env = [sys.executable, "train.py", *args], {**base, **rendezvous}
         with open(out / f"node{node}.out", "w") as f:
             procs.append(
                 subprocess.Popen(
@@ -144,7 +152,7 @@ def one_process(tmp_path_factory):
     return rec, weights(job), job_files(job)
 
 
-@pytest.mark.parametrize("shape", ["torchrun", "slurm"])
+@pytest.mark.parametrize("shape", ["torchrun", "slurm", "lightning"])
 def test_two_nodes_write_one_run_with_the_numbers_of_one_process(tmp_path, one_process, shape):
     one, ckpt_one, files_one = one_process
     log = tmp_path / "log"
