@@ -42,7 +42,6 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities import rank_zero_only
 
 from callbacks.fault_injection import FaultInjection
 from lifecycle import sweep
@@ -69,6 +68,7 @@ from lifecycle.record import (
 )
 from lifecycle.rundir import RunDirError, check_inside
 from lifecycle.summary import summarize
+from lifecycle.world import check_rank, check_world, describe_process, is_global_zero, world_of
 from lightning_modules.config import ConfigError
 from lightning_modules.data import DataUnavailable
 from lightning_modules.models import has_batchnorm
@@ -89,12 +89,13 @@ def _cause(e: Exception) -> str:
     return f"{type(cause).__name__}: {cause}"
 
 
-def _start_segment(record_path, cfg, now, plan, resume, resume_step, accepted, start) -> None:
+def _start_segment(record_path, cfg, now, plan, resume, segment, accepted, start) -> None:
     """Open this process's segment of the run: the record says ``running`` with its header.
 
-    Rows logged after the checkpoint this segment resumes from are dropped (they are logged
-    again); earlier segments that ended without a word are marked ``killed``."""
-    truncate_history(record_path, resume_step)
+    ``segment``: the step it starts from and the processes it runs on, as Lightning found them
+    (:func:`lifecycle.world.world_of`). Rows logged after the checkpoint it resumes from are
+    dropped (they are logged again); earlier segments that ended without a word are ``killed``."""
+    truncate_history(record_path, segment["from_step"] if resume else -1)
     record = read_record(record_path)
     update_record(
         record_path,
@@ -111,7 +112,7 @@ def _start_segment(record_path, cfg, now, plan, resume, resume_step, accepted, s
             {
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "started_unix": start,
-                "from_step": max(resume_step, 0),
+                **segment,
                 "wall_time_s": 0.0,
             },
         ],
@@ -191,7 +192,7 @@ def run_job(cfg: DictConfig, out_dir: Path, multirun: bool = False) -> JobOutcom
         print(f"error: {e}", file=sys.stderr)
         return JobOutcome(out_dir, EXIT_REFUSED)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rank_zero = getattr(rank_zero_only, "rank", 0) == 0
+    rank_zero = is_global_zero()  # under torchrun or SLURM every rank runs this; only rank 0 writes
     lock = job_lock(out_dir) if rank_zero else contextlib.nullcontext()
     try:
         with lock:
@@ -212,18 +213,20 @@ def _run_locked(job: _Job) -> JobOutcome:
     """The job's steps, in order, while this process holds the job's lock."""
     previous = _read_previous(job)
     built = _build_checked(job, previous)
-    if job.cfg.fresh and job.rank_zero:
+    if job.cfg.fresh:
         previous = _start_fresh(job)
     now = identity(job.cfg)
     accepted = check_identity(previous, now, job.cfg, job.out_dir)
     if previous.get("status") in FINISHED:
         return _report_finished(job, previous, accepted)
-    resume = job.last_ckpt if job.last_ckpt.exists() else None
+    # fresh: what rank 0 deletes may still be there when another rank looks
+    resume = job.last_ckpt if job.last_ckpt.exists() and not job.cfg.fresh else None
     resume_step = checkpoint_step(resume) if resume else -1
     trainer = _prepare_trainer(job, built, resume_step)
     if job.rank_zero:
         _save_hydra_files(job)
-        _start_segment(job.record_path, job.cfg, now, built.plan, resume, resume_step, accepted, job.start)
+        segment = {"from_step": max(resume_step, 0), "world": world_of(trainer)}
+        _start_segment(job.record_path, job.cfg, now, built.plan, resume, segment, accepted, job.start)
         if resume:
             print(f"[train] resuming from {resume} (step {resume_step})")
     _note_batchnorm(job, built)
@@ -267,7 +270,12 @@ def _build_checked(job: _Job, previous: dict) -> Job:
 
 
 def _start_fresh(job: _Job) -> dict:
-    """``fresh=true``: delete what a former launch left, so nothing of it is resumed or reported."""
+    """``fresh=true``: delete what a former launch left, so nothing of it is resumed or reported.
+
+    Rank 0 deletes; every rank goes on as if nothing were there (under torchrun or SLURM the other
+    ranks look at the directory while rank 0 may not have deleted it yet)."""
+    if not job.rank_zero:
+        return {}
     for p in ("checkpoints", "csv", "wandb", "measurements", RECORD, "wandb_id.txt"):
         target = job.out_dir / p
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
@@ -303,7 +311,7 @@ def _prepare_trainer(job: _Job, built: Job, resume_step: int) -> pl.Trainer:
         except ConfigError as e:
             raise JobRefused(str(e.under("fault"))) from None
     try:
-        return hydra.utils.instantiate(
+        trainer = hydra.utils.instantiate(
             cfg.trainer,
             callbacks=callbacks,
             logger=loggers,
@@ -313,6 +321,11 @@ def _prepare_trainer(job: _Job, built: Job, resume_step: int) -> pl.Trainer:
         )
     except Exception as e:  # a trainer argument Lightning refuses
         raise JobRefused(f"trainer: {_cause(e)}") from None
+    check_world(trainer, built.plan.world_size)
+    check_rank(trainer, job.rank_zero)
+    if trainer.world_size > 1:
+        print(describe_process(trainer))
+    return trainer
 
 
 def _save_hydra_files(job: _Job) -> None:
@@ -428,7 +441,8 @@ def _failed(job: _Job, e: Exception) -> JobOutcome:
             traceback="".join(tail),
         )
     traceback.print_exc()
-    print(f"[train] failed: {type(e).__name__}: {e} (recorded in {job.record_path})", file=sys.stderr)
+    where = f"recorded in {job.record_path}" if job.rank_zero else "global rank 0 records the job"
+    print(f"[train] failed: {type(e).__name__}: {e} ({where})", file=sys.stderr)
     return JobOutcome(job.out_dir, EXIT_FAILED)
 
 

@@ -32,6 +32,7 @@ from lifecycle import wandb_run
 from lifecycle.record import FINISHED, RECORD, is_per_step, modify_record, plain, read_record, unconverged
 from lifecycle.wandb_env import wandb_has_credentials, wandb_mode  # noqa: F401  (re-exported)
 from lifecycle.wandb_run import EPOCH, History, apply
+from lifecycle.world import is_global_zero
 
 
 class WandbLogger(_LightningWandbLogger):
@@ -238,7 +239,11 @@ def _wandb_logger(cfg: DictConfig, lcfg: DictConfig, out_dir: Path, keep_until_s
     """The job's W&B logger: its run id, group, tags, config, mode, and the rows a resumed run replays."""
     config = OmegaConf.to_container(cfg, resolve=True)
     overrides, exclude = _hydra_job()
-    extra = {"id": wandb_run.run_id(out_dir), "resume": "allow"}
+    # Only rank 0 has a W&B run. Under torchrun or SLURM every rank builds this logger at the same
+    # time: another rank must not write the id file (it could leave an id there that no run has),
+    # nor read the run so far or print.
+    rank_zero = is_global_zero()
+    extra = {"id": wandb_run.run_id(out_dir) if rank_zero else None, "resume": "allow"}
     kwargs = wandb_run.init_kwargs(config, overrides, exclude)
     extra.update(config=kwargs["config"], settings=wandb_run.settings_of(kwargs["config"]))
     for key in ("group", "tags", "job_type"):  # an explicit logger.wandb.<key> wins
@@ -248,11 +253,12 @@ def _wandb_logger(cfg: DictConfig, lcfg: DictConfig, out_dir: Path, keep_until_s
     if wandb_mode() == "offline":
         extra["mode"] = "offline"  # per run: does not leak into later jobs like offline=True does
         offline = True
-        print(
-            f"[train] W&B: no credentials found, logging offline. Upload later with:\n"
-            f"    wandb sync {out_dir / 'wandb' / 'latest-run'}"
-        )
-    if keep_until_step >= 0:  # a resumed run: what W&B must hold of the run so far
+        if rank_zero:
+            print(
+                f"[train] W&B: no credentials found, logging offline. Upload later with:\n"
+                f"    wandb sync {out_dir / 'wandb' / 'latest-run'}"
+            )
+    if keep_until_step >= 0 and rank_zero:  # a resumed run: what W&B must hold of the run so far
         rows = wandb_run.job_rows(out_dir, read_record(out_dir / RECORD), before_step=keep_until_step)
         seen = any((out_dir / "wandb").glob(f"*run-*-{extra['id']}"))
         # an offline segment starts a new log (W&B cannot resume offline runs): it holds the earlier rows too
