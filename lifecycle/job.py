@@ -237,8 +237,17 @@ def _run_locked(job: _Job) -> JobOutcome:
 
 
 def _read_previous(job: _Job) -> dict:
-    """The record a former launch left ({} if none): a record we cannot read is never trained over."""
-    return read_previous(job.record_path)
+    """The record a former launch left ({} if none): a record we cannot read is never trained over,
+    unless ``fresh=true`` asks for the old result to go (then the unreadable record goes at once)."""
+    try:
+        return read_previous(job.record_path)
+    except JobRefused as e:
+        if not job.cfg.fresh:
+            raise
+        if job.rank_zero:
+            print(f"[train] fresh=true: deleting the unreadable {RECORD} ({str(e).splitlines()[0]})")
+            job.record_path.unlink(missing_ok=True)
+        return {}
 
 
 def read_previous(record_path: Path) -> dict:

@@ -106,6 +106,20 @@ def test_train_on_a_damaged_record_reads_or_refuses_it_by_name(
     assert named in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
 
 
+def test_fresh_true_trains_over_a_damaged_record_as_its_refusal_message_says(finished, tmp_path):
+    """The refusal says "run the job again with fresh=true": that must then work (one new record)."""
+    _, run_dir, record = finished
+    job = copy_run(run_dir, tmp_path)
+    (job / RECORD).write_text(json.dumps(damaged(record, "status", 7)))
+    refused = run_train(ARGS, tmp_path, check=False)
+    assert refused.returncode == 2 and "fresh=true" in refused.stderr
+    proc = run_train([*ARGS, "fresh=true"], tmp_path, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "deleting the unreadable" in proc.stdout
+    again = read_record(job / RECORD)
+    assert again["status"] == "completed" and len(again["segments"]) == 1
+
+
 def test_measure_on_a_damaged_record_prints_the_field_and_exits_2(finished, tmp_path):
     _, run_dir, record = finished
     job = copy_run(run_dir, tmp_path)
