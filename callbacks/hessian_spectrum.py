@@ -14,8 +14,10 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from callbacks.epoch_measurement import EpochEndMeasurement
+from callbacks.hessian_products import ProductPlan
+from callbacks.training_target import annotate_run
 from lightning_modules.config import BN_MODES, ConfigError, check
-from measures.batches import load_rank_subset, split_batches
+from measures.batches import load_items, load_rank_subset, split_batches
 from measures.blocks import block_spectra, parameter_blocks
 from measures.curvature import OPERATORS, curvature_operator
 from measures.estimators import hutchinson_trace, hutchpp_trace
@@ -108,7 +110,9 @@ class HessianSpectrum(EpochEndMeasurement):
             (:class:`~callbacks.epoch_measurement.EpochEndMeasurement`).
         subset_size: fixed training samples (null: the whole training split); ``subset_seed``
             chooses them.
-        batch_size: samples per forward pass of the Hessian-vector products.
+        batch_size: samples per forward pass of the products: a number, or ``auto`` (250 on a CPU
+            and with ``bn_mode=train``; on a GPU as many as a quarter of its free memory holds):
+            :class:`~callbacks.hessian_products.ProductPlan`.
         k: top-k eigenvalues; ``smallest``: also λ_min.
         tol, stop, max_iter: the Lanczos stop (see above) and its step budget.
         warm_start, warm_start_checkpoint_mb: see above.
@@ -124,6 +128,14 @@ class HessianSpectrum(EpochEndMeasurement):
         seed: the start vector's seed.
         progress_after_s: a measurement running longer than this prints its Lanczos step and
             current error every few seconds (rank 0 only); null: never.
+        hvp: how a Hessian-vector product is computed (operators ``hessian`` and ``functional``):
+            ``double_backward``, ``forward_over_reverse`` (:mod:`measures.hvp`), or ``auto``: the
+            faster of one timed product of each at the first measurement, logged as
+            ``hessian/hvp_ms_<mode>``; ``hessian/hvp_forward_over_reverse`` says which one each
+            measurement used, and the record's ``<prefix>_products`` field keeps the choice, the
+            timings, the batch size and, when torch.func cannot run the model, why (``auto`` then
+            falls back to double backward with a warning; ``forward_over_reverse`` is refused before
+            training). See :class:`~callbacks.hessian_products.ProductPlan`.
     """
 
     def __init__(
@@ -131,7 +143,7 @@ class HessianSpectrum(EpochEndMeasurement):
         every_n_epochs: int | None = 2,
         subset_size: int | None = 1000,
         subset_seed: int = 0,
-        batch_size: int = 250,
+        batch_size: int | str = "auto",
         k: int = 3,
         smallest: bool = False,
         tol: float = 1e-4,
@@ -152,16 +164,11 @@ class HessianSpectrum(EpochEndMeasurement):
         operator: str = "hessian",
         blocks: str | list | dict | None = None,
         trace_method: str = "hutchinson",
+        hvp: str = "auto",
     ):
         super().__init__(every_n_epochs, at_end, prefix, every_n_steps)
         check(isinstance(k, int) and k >= 1, "k", k, "must be an integer >= 1")
         self.check_subset_size(subset_size)
-        check(
-            isinstance(batch_size, int) and batch_size >= 1,
-            "batch_size",
-            batch_size,
-            "must be a positive integer",
-        )
         check(bn_mode in BN_MODES, "bn_mode", bn_mode, f"allowed: {', '.join(BN_MODES)}")
         check(tol > 0, "tol", tol, "must be > 0")
         check(stop in STOPS, "stop", stop, f"allowed: {', '.join(STOPS)}")
@@ -210,6 +217,9 @@ class HessianSpectrum(EpochEndMeasurement):
             "must be null, 'module', a list of patterns or a dict name -> pattern",
         )
         self.operator, self.blocks, self.trace_method = operator, blocks, trace_method
+        name = type(self).__name__ + ("" if prefix == "hessian" else f":{prefix}")
+        self.products = ProductPlan(batch_size, hvp, operator, bn_mode, name)
+        self.hvp = hvp
         self.subset_size, self.subset_seed = subset_size, subset_seed
         self.batch_size, self.k, self.smallest = batch_size, k, smallest
         self.tol, self.stop, self.max_iter = tol, stop, max_iter
@@ -248,11 +258,14 @@ class HessianSpectrum(EpochEndMeasurement):
         if self.float64:
             model = copy.deepcopy(model).double()
             x = x.double()
+        self.products.check_model(model, loss_fn, x, y)
         with gradients_enabled(), preserved_module_state(model, mode=self.bn_mode):
             # one operator for both: the forward pass and first backward are cached once
             idx = torch.arange(len(x)) if idx is None else idx
-            batches = split_batches(x, y, self.batch_size, idx.to(x.device))
-            op = curvature_operator(self.operator, model, loss_fn, batches, seed=self.seed)
+            batch_size = self.products.batch_size_for(model, loss_fn, x, y)
+            batches = split_batches(x, y, batch_size, idx.to(x.device))
+            hvp, hvp_metrics = self.products.mode_for(model, loss_fn, batches, self.prefix)
+            op = curvature_operator(self.operator, model, loss_fn, batches, seed=self.seed, hvp=hvp)
             start = self._start if self.warm_start and not self._next_cold else None
             if start is not None and start.shape != (op.dim,):
                 start = None  # another model: start cold
@@ -308,6 +321,7 @@ class HessianSpectrum(EpochEndMeasurement):
             metrics.update({f"{p}/layer/{name}/{k}": v for k, v in values.items() if k != "n_hvp"})
             metrics[f"{p}/layer_n_hvp"] = values["n_hvp"]
         metrics[f"{p}/n_hvp"] = float(op.n_hvp)
+        metrics.update(hvp_metrics)
         metrics[f"{p}/seconds"] = time.perf_counter() - start_time
         for message in self.convergence_warnings(metrics, eig.converged, where):
             rank_zero_warn(message)
@@ -380,6 +394,10 @@ class HessianSpectrum(EpochEndMeasurement):
                 f"needs the network as {type(pl_module).__name__}.net (to measure a float64 copy)",
             )
         self._data = (x, y, idx)
+        # before training: can torch.func run the model (hvp)? Two samples, the same on every rank
+        x2, y2 = load_items(dataset, torch.arange(min(2, len(dataset))))
+        dtype = next(pl_module.parameters()).dtype
+        self.products.check_model(pl_module, self._loss_fn(pl_module), x2.to(dtype), y2)
         rank_zero_info(
             f"[HessianSpectrum:{self.prefix}] top-{self.k} {self.operator} eigenvalues"
             f"{f' (and per layer: {self.blocks})' if self.blocks is not None else ''} on {min(self.subset_size or len(dataset), len(dataset))} "
@@ -390,20 +408,27 @@ class HessianSpectrum(EpochEndMeasurement):
     def measure_module(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         param = next(pl_module.parameters())
         x, y, idx = (t.to(param.device) for t in self._data)
-        loss_fn = getattr(pl_module, "loss_fn", None) or nn.functional.cross_entropy
+        loss_fn = self._loss_fn(pl_module)
         model = pl_module.net if self.float64 else pl_module  # a copy of the network is converted
         progress = None
         if self.progress_after_s is not None:
             name = type(self).__name__ + ("" if self.prefix == "hessian" else f":{self.prefix}")
             label = f"[{name}] epoch {trainer.current_epoch}"
             progress = ProgressLines(label, rank_zero_info, after_s=self.progress_after_s)
-        return self.measure(
+        metrics = self.measure(
             model, loss_fn, x.to(param.dtype), y, progress, f"epoch {trainer.current_epoch}", idx
         )
+        if (note := self.products.take_note()) is not None:
+            annotate_run(trainer, **{f"{self.prefix}_products": note})
+        return metrics
+
+    @staticmethod
+    def _loss_fn(pl_module: nn.Module):
+        return getattr(pl_module, "loss_fn", None) or nn.functional.cross_entropy
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state.update(cold_hvp=self._cold_hvp, next_cold=self._next_cold)
+        state.update(cold_hvp=self._cold_hvp, next_cold=self._next_cold, products=self.products.state_dict())
         if self._start is not None and self._start.numel() * 8 <= self.warm_start_checkpoint_mb * 2**20:
             state["start_vector"] = self._start.clone()
         return state
@@ -412,6 +437,7 @@ class HessianSpectrum(EpochEndMeasurement):
         super().load_state_dict(state_dict)
         self._cold_hvp = state_dict.get("cold_hvp")
         self._next_cold = bool(state_dict.get("next_cold", False))
+        self.products.load_state_dict(state_dict.get("products") or {})
         start = state_dict.get("start_vector")
         self._start = None if start is None else start.to("cpu", torch.float64)
 

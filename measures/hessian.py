@@ -279,14 +279,14 @@ class HessianOperator:
         return out
 
     def matmat(self, vs: torch.Tensor) -> torch.Tensor:
-        """``H V`` for the columns of ``V`` (``(dim, b)``), as ``b`` products in one batched backward.
+        """``H V`` for the columns of ``V`` (``(dim, b)``), as ``b`` products in one pass.
 
-        Same values as ``b`` calls of :meth:`matvec` (up to rounding), one collective. Whether it is
-        faster depends on the device: on the 2-core CPU here a batched second backward cost 0.86x to
-        1.43x per vector of single ones (``benchmarks/hessian_products.py``), so the solvers use it
-        only where vectors come in blocks anyway (Hutchinson's ``block``); Lanczos stays
-        single-vector. Forward-over-reverse does one jvp per column (the same cost per vector
-        as :meth:`matvec`, one collective). Counts ``b`` products.
+        Double backward: one batched second backward (``is_grads_batched``); forward-over-reverse:
+        one ``vmap`` over the tangents. Same values as ``b`` calls of :meth:`matvec` (up to
+        rounding), one collective. Whether a vector costs less this way depends on the model and
+        the device (``benchmarks/hessian_products.py``), so the solvers use it only where vectors
+        come in blocks anyway (Hutchinson's ``block``); Lanczos stays single-vector. Counts ``b``
+        products.
         """
         if vs.dim() != 2 or vs.shape[0] != self.dim:
             raise ValueError(f"V must have shape ({self.dim}, b), got {tuple(vs.shape)}")

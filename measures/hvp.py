@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp
+from torch.func import functional_call, grad, jvp, vmap
 
 from measures.module_state import autograd_input, gradients_enabled, preserved_module_state
 
@@ -157,8 +157,9 @@ class ForwardOverReverse:
     train-mode BatchNorm updates clones and the model's own buffers are untouched (the caller
     restores the RNG, as :func:`~measures.module_state.preserved_module_state` does). A parameter
     the loss does not use gets zeros. ``v`` is one flat vector ``(dim,)``, or ``(b, dim)`` for
-    ``b`` products (one jvp each: the same values, and no vmap that a model's forward might not
-    support).
+    ``b`` products in one ``torch.func.vmap`` over the tangents (one forward pass carrying ``b``
+    tangents, usually cheaper per vector than lone products: ``benchmarks/hessian_products.py``;
+    random ops such as dropout draw the same values for every tangent, as a lone product would).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, params: Sequence[nn.Parameter]) -> None:
@@ -188,22 +189,23 @@ class ForwardOverReverse:
 
         if v.dim() == 1:
             return product(v)
-        return torch.stack([product(w) for w in v])
+        return vmap(product, randomness="same")(v)
 
 
 def forward_over_reverse_error(
     model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor
 ) -> str | None:
     """Why torch.func cannot compute a forward-over-reverse product of ``model`` on ``(x, y)``
-    (:func:`reason` of the exception), or None when it can. One product on the given samples (2
-    are enough), in the model's current mode; the model is left as found."""
+    (:func:`reason` of the exception), or None when it can. Two products in one vmap (as
+    ``matmat`` does them; a lone product needs less of torch.func) on the given samples (2 are
+    enough), in the model's current mode; the model is left as found."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         return "the model has no parameter with requires_grad=True"
     device = params[0].device
     with gradients_enabled(), preserved_module_state(model):
         x, y = autograd_input(x.to(device)), autograd_input(y.to(device))
-        v = torch.ones(sum(p.numel() for p in params), dtype=params[0].dtype, device=device)
+        v = torch.ones(2, sum(p.numel() for p in params), dtype=params[0].dtype, device=device)
         try:
             ForwardOverReverse(model, loss_fn, params)(x, y, v)
         except Exception as e:  # noqa: BLE001 - whatever torch.func refuses is the answer

@@ -223,3 +223,23 @@ def test_batch_size_from_memory_fills_the_given_share():
     assert batch_size_for_memory(net, LOSS, x, y, 1e18) == 200  # never more than the samples
     assert batch_size_for_memory(net, LOSS, x, y, 0.0) == 1
     assert auto_batch_size(net, LOSS, x, y) == CPU_BATCH_SIZE  # on a CPU
+
+
+def test_train_mode_dropout_draws_the_masks_of_double_backward_and_leaves_the_state():
+    """Dropout (train mode) next to train-mode BatchNorm: every product, lone or in a vmap block,
+    sees the masks the cached double-backward graph was built with; RNG, .grad, buffers kept."""
+    torch.manual_seed(4)
+    net = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Dropout(0.3), nn.Flatten(), nn.Linear(32, 3)
+    ).double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn((7, 1, 6, 6), generator=g, dtype=torch.float64), torch.randint(0, 3, (7,), generator=g)
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    db = HessianOperator(net, LOSS, batches, cache=True)
+    rng, before = torch.get_rng_state(), buffers(net)
+    fr = HessianOperator(net, LOSS, batches, hvp="forward_over_reverse")
+    vs = vectors(db.dim, 3)
+    ref = db.matmat(vs)
+    assert relative(fr.matmat(vs), ref) <= RTOL and relative(fr.matvec(vs[:, 1]), ref[:, 1]) <= RTOL
+    assert torch.equal(torch.get_rng_state(), rng) and all(p.grad is None for p in net.parameters())
+    assert all(torch.equal(before[n], b) for n, b in buffers(net).items())
