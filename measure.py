@@ -247,9 +247,13 @@ def measure(args: argparse.Namespace) -> int:
                 dens = hessian_density(
                     net,
                     torch.nn.functional.cross_entropy,
-                    split_batches(x.to(dtype), y, spectrum.products.batch),
+                    split_batches(
+                        x.to(dtype),
+                        y,
+                        spectrum.batch_size_for(net, torch.nn.functional.cross_entropy, x.to(dtype), y),
+                    ),
                     n_steps=args.density_steps,
-                    hvp=spectrum.products.mode or "double_backward",
+                    hvp=spectrum.hvp_mode,
                 )
             plot_density(dens, run_dir / "measurements" / f"{name}_density.png")
             save_density(run_dir / "measurements" / f"{name}_density.npz", dens, {"run": run_dir.name})
@@ -435,10 +439,7 @@ def measure_landscape(net, dm, h: dict, args, run_dir: Path, name: str, ckpt: Pa
         dm.measurement_dataset("train"), spectrum.subset_size, spectrum.subset_seed, 0, 1
     )
     loss_fn = torch.nn.functional.cross_entropy
-    with preserved_module_state(net, mode="eval"):
-        batches = split_batches(
-            x.to(dtype), y, spectrum.products.batch_size_for(net, loss_fn, x.to(dtype), y)
-        )
+    batches = split_batches(x.to(dtype), y, spectrum.batch_size_for(net, loss_fn, x.to(dtype), y))
     n = args.landscape_points
     k = 2 if "2d" in args.landscape else 1
     start = time.perf_counter()

@@ -1,5 +1,20 @@
 """How :class:`~callbacks.hessian_spectrum.HessianSpectrum` computes its products: the samples per
-forward pass (``batch_size``) and the way of computing a Hessian-vector product (``hvp``)."""
+forward pass (``batch_size``) and the way of computing a Hessian-vector product (``hvp``).
+
+- ``batch_size``: a number, or ``"auto"``: :data:`~measures.hvp.CPU_BATCH_SIZE` on a CPU and with
+  ``bn_mode="train"`` (there the batch defines BatchNorm's statistics, so it must not depend on the
+  device); on a CUDA device in eval mode, at the first measurement, as many samples as a quarter of
+  the free device memory holds (:func:`measures.hvp.auto_batch_size`).
+- ``hvp``: ``double_backward``, ``forward_over_reverse`` or ``auto``: at the first measurement
+  :func:`measures.hessian.fastest_hvp` times one product of each on the measurement's batches (the
+  times summed over ranks: every rank chooses the same) and the faster is kept. Before that,
+  :func:`forward_over_reverse_refusal` runs one forward-over-reverse product on 2 samples: where
+  torch.func cannot run the model, ``auto`` falls back to double backward (warned, and recorded)
+  and ``forward_over_reverse`` is refused (:class:`~lightning_modules.config.ConfigError`).
+
+The callback keeps both decisions for the run (in its checkpoint, so a resumed run measures exactly
+as an uninterrupted one).
+"""
 
 from __future__ import annotations
 
@@ -17,119 +32,85 @@ HESSIAN_OPERATORS = ("hessian", "functional")
 """The operators whose products are Hessian-vector products (the others ignore ``hvp``)."""
 
 
-class ProductPlan:
-    """The batch size and the Hessian-vector product mode of one measurement callback.
+def check_product_settings(batch_size, hvp, operator: str) -> None:
+    """Refuse a ``batch_size`` or ``hvp`` that cannot work, naming what is allowed."""
+    check(
+        batch_size == "auto"
+        or (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1),
+        "batch_size",
+        batch_size,
+        f"must be a positive integer or auto ({CPU_BATCH_SIZE} on a CPU, from the free memory on a GPU)",
+    )
+    check(hvp in HVP_CHOICES, "hvp", hvp, f"allowed: {', '.join(HVP_CHOICES)}")
+    check(
+        hvp == "auto" or operator in HESSIAN_OPERATORS,
+        "hvp",
+        hvp,
+        f"applies to operator {' or '.join(HESSIAN_OPERATORS)} only (operator is {operator}): leave it auto",
+    )
 
-    - ``batch_size``: a number, or ``"auto"``: :data:`~measures.hvp.CPU_BATCH_SIZE` on a CPU and
-      with ``bn_mode="train"`` (there the batch defines BatchNorm's statistics, so it must not
-      depend on the device); on a CUDA device in eval mode, at the first measurement, as many
-      samples as a quarter of the free device memory holds (:func:`measures.hvp.auto_batch_size`),
-      kept for the run.
-    - ``hvp``: ``double_backward``, ``forward_over_reverse`` or ``auto``: at the first measurement
-      :func:`measures.hessian.fastest_hvp` times one product of each on the measurement's batches
-      (the times summed over ranks: every rank chooses the same) and the faster is kept for the
-      run. Before that, :meth:`check_model` runs one
-      forward-over-reverse product on 2 samples: where torch.func cannot run the model, ``auto``
-      falls back to double backward (warned, and recorded) and ``forward_over_reverse`` is refused
-      (:class:`ConfigError`).
 
-    Both decisions are checkpointed (:meth:`state_dict`), so a resumed run measures exactly as an
-    uninterrupted one, unless its config sets them explicitly.
-    """
-
-    def __init__(self, batch_size: int | str, hvp: str, operator: str, bn_mode: str, name: str):
-        check(
-            batch_size == "auto"
-            or (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1),
-            "batch_size",
-            batch_size,
-            f"must be a positive integer or auto ({CPU_BATCH_SIZE} on a CPU, from the free memory on a GPU)",
-        )
-        check(hvp in HVP_CHOICES, "hvp", hvp, f"allowed: {', '.join(HVP_CHOICES)}")
-        check(
-            hvp == "auto" or operator in HESSIAN_OPERATORS,
+def forward_over_reverse_refusal(
+    model: nn.Module, loss_fn, x, y, hvp: str, bn_mode: str, name: str
+) -> str | None:
+    """Why torch.func cannot run ``model`` (one product on the first 2 samples, in ``bn_mode``), or
+    None. With ``hvp="forward_over_reverse"`` a reason is raised as a :class:`ConfigError`; with
+    ``auto`` it is warned about (``name``: the callback's)."""
+    with preserved_module_state(model, mode=bn_mode):
+        why = forward_over_reverse_error(model, loss_fn, x[:2], y[:2])
+    if why is not None and hvp == "forward_over_reverse":
+        raise ConfigError(
             "hvp",
             hvp,
-            f"applies to operator {' or '.join(HESSIAN_OPERATORS)} only (operator is {operator}): leave it auto",
+            f"torch.func cannot run this model ({why}); use double_backward (or auto, which falls back to it)",
         )
-        self.batch_size, self.hvp, self.operator, self.bn_mode, self.name = (
-            batch_size,
-            hvp,
-            operator,
-            bn_mode,
-            name,
-        )
-        self.mode: str | None = None if hvp == "auto" else hvp  # decided: the mode in use
-        self.batch: int | None = None if batch_size == "auto" else batch_size
-        self.checked = hvp == "double_backward" or operator not in HESSIAN_OPERATORS
-        self._note: dict = {}  # timings and fallback reason, for the record
-        self._recorded = False
+    if why is not None:
+        warn_fallback(name, why)
+    return why
 
-    def check_model(self, model: nn.Module, loss_fn, x, y) -> None:
-        """Once: can torch.func run ``model`` (one product on the first 2 samples, in ``bn_mode``)?"""
-        if self.checked:
-            return
-        self.checked = True
-        with preserved_module_state(model, mode=self.bn_mode):
-            why = forward_over_reverse_error(model, loss_fn, x[:2], y[:2])
-        if why is None:
-            return
-        if self.hvp == "forward_over_reverse":
-            raise ConfigError(
-                "hvp",
-                self.hvp,
-                f"torch.func cannot run this model ({why}); use double_backward (or auto, which falls back to it)",
-            )
-        self._fall_back(why)
 
-    def _fall_back(self, why: str) -> None:
-        self.mode, self._note["hvp_fallback_reason"] = "double_backward", why
-        rank_zero_warn(
-            f"[{self.name}] hvp=auto: torch.func cannot compute forward-over-reverse products of this "
-            f"model ({why}); the Hessian-vector products use double backward"
-        )
+def warn_fallback(name: str, why: str) -> None:
+    rank_zero_warn(
+        f"[{name}] hvp=auto: torch.func cannot compute forward-over-reverse products of this model "
+        f"({why}); the Hessian-vector products use double backward"
+    )
 
-    def batch_size_for(self, model: nn.Module, loss_fn, x, y) -> int:
-        """The samples per forward pass (``model`` in the mode it is measured in)."""
-        if self.batch is None:
-            self.batch = CPU_BATCH_SIZE if self.bn_mode == "train" else auto_batch_size(model, loss_fn, x, y)
-        return self.batch
 
-    def mode_for(self, model: nn.Module, loss_fn, batches: list, prefix: str) -> tuple[str, dict[str, float]]:
-        """The product mode of this measurement and the metrics that say it: ``<prefix>/hvp_forward_over_reverse``
-        (1 or 0), and once, when ``auto`` timed the modes, ``<prefix>/hvp_ms_<mode>`` (one product, ms)."""
-        if self.operator not in HESSIAN_OPERATORS:
-            return "double_backward", {}
-        metrics = {}
-        if self.mode is None:
-            choice = fastest_hvp(model, loss_fn, [b[:2] for b in batches])
-            self.mode = choice.mode
-            metrics = {f"{prefix}/hvp_ms_{m}": ms for m, ms in choice.ms.items()}
-            self._note.update({f"hvp_ms_{m}": ms for m, ms in choice.ms.items()})
-            if choice.reason is not None:
-                self._fall_back(choice.reason)
-            rank_zero_info(
-                f"[{self.name}] hvp=auto: {choice.mode} (one product: "
-                + ", ".join(f"{m} {ms:.1f} ms" for m, ms in choice.ms.items())
-                + ")"
-            )
-        metrics[f"{prefix}/hvp_forward_over_reverse"] = float(self.mode == "forward_over_reverse")
-        return self.mode, metrics
+def resolved_batch_size(batch_size, model: nn.Module, loss_fn, x, y, bn_mode: str) -> int:
+    """``batch_size``, or what ``auto`` means for ``model`` (in the mode it is measured in)."""
+    if batch_size != "auto":
+        return batch_size
+    if bn_mode == "train":
+        return CPU_BATCH_SIZE
+    with preserved_module_state(model, mode=bn_mode):
+        return auto_batch_size(model, loss_fn, x, y)
 
-    def state_dict(self) -> dict:
-        return {"hvp_mode": self.mode, "batch": self.batch, "note": dict(self._note)}
 
-    def load_state_dict(self, state: dict) -> None:
-        if self.hvp == "auto" and state.get("hvp_mode") is not None:
-            self.mode, self._note = state["hvp_mode"], dict(state.get("note") or {})
-        if self.batch_size == "auto" and state.get("batch") is not None:
-            self.batch = state["batch"]
+def measurement_hvp(
+    mode: str | None, operator: str, model: nn.Module, loss_fn, batches: list, prefix: str, name: str
+) -> tuple[str, dict, dict]:
+    """The mode of one measurement's products (``mode``; None: ``auto`` not yet decided), the
+    metrics that say it, and what the record keeps of a decision taken now.
 
-    def take_note(self) -> dict | None:
-        """Once per process, after the first measurement: what the record keeps of the choices
-        (``batch_size``, ``hvp`` and, where they apply, the timings and a fallback's reason)."""
-        if self._recorded or self.batch is None:
-            return None
-        self._recorded = True
-        hvp = {"hvp": self.mode} if self.operator in HESSIAN_OPERATORS else {}
-        return {"batch_size": self.batch, **hvp, **self._note}
+    Metrics: ``<prefix>/hvp_forward_over_reverse`` (1 or 0) for the Hessian operators and, when
+    ``auto`` times the modes here, ``<prefix>/hvp_ms_<mode>`` (one product, ms); the record: the
+    timings and any fallback's reason."""
+    if operator not in HESSIAN_OPERATORS:
+        return HVP_MODES[0], {}, {}
+    metrics, note = {}, {}
+    if mode is None:
+        mode, metrics, note = timed_choice(model, loss_fn, batches, prefix, name)
+    return mode, {**metrics, f"{prefix}/hvp_forward_over_reverse": float(mode == HVP_MODES[1])}, note
+
+
+def timed_choice(model: nn.Module, loss_fn, batches: list, prefix: str, name: str) -> tuple[str, dict, dict]:
+    """``hvp=auto`` at the first measurement: (the faster mode, the metrics ``<prefix>/hvp_ms_<mode>``
+    of one product in ms, what the record keeps: the timings and any fallback's reason)."""
+    choice = fastest_hvp(model, loss_fn, [b[:2] for b in batches])
+    note = {f"hvp_ms_{m}": ms for m, ms in choice.ms.items()}
+    if choice.reason is not None:
+        warn_fallback(name, choice.reason)
+        note["hvp_fallback_reason"] = choice.reason
+    timings = ", ".join(f"{m} {ms:.1f} ms" for m, ms in choice.ms.items())
+    rank_zero_info(f"[{name}] hvp=auto: {choice.mode} (one product: {timings})")
+    return choice.mode, {f"{prefix}/hvp_ms_{m}": ms for m, ms in choice.ms.items()}, note

@@ -13,8 +13,8 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from callbacks import hessian_products as products
 from callbacks.epoch_measurement import EpochEndMeasurement
-from callbacks.hessian_products import ProductPlan
 from callbacks.training_target import annotate_run
 from lightning_modules.config import BN_MODES, ConfigError, check
 from measures.batches import load_items, load_rank_subset, split_batches
@@ -112,7 +112,7 @@ class HessianSpectrum(EpochEndMeasurement):
             chooses them.
         batch_size: samples per forward pass of the products: a number, or ``auto`` (250 on a CPU
             and with ``bn_mode=train``; on a GPU as many as a quarter of its free memory holds):
-            :class:`~callbacks.hessian_products.ProductPlan`.
+            see :mod:`callbacks.hessian_products`.
         k: top-k eigenvalues; ``smallest``: also λ_min.
         tol, stop, max_iter: the Lanczos stop (see above) and its step budget.
         warm_start, warm_start_checkpoint_mb: see above.
@@ -128,14 +128,10 @@ class HessianSpectrum(EpochEndMeasurement):
         seed: the start vector's seed.
         progress_after_s: a measurement running longer than this prints its Lanczos step and
             current error every few seconds (rank 0 only); null: never.
-        hvp: how a Hessian-vector product is computed (operators ``hessian`` and ``functional``):
-            ``double_backward``, ``forward_over_reverse`` (:mod:`measures.hvp`), or ``auto``: the
-            faster of one timed product of each at the first measurement, logged as
-            ``hessian/hvp_ms_<mode>``; ``hessian/hvp_forward_over_reverse`` says which one each
-            measurement used, and the record's ``<prefix>_products`` field keeps the choice, the
-            timings, the batch size and, when torch.func cannot run the model, why (``auto`` then
-            falls back to double backward with a warning; ``forward_over_reverse`` is refused before
-            training). See :class:`~callbacks.hessian_products.ProductPlan`.
+        hvp: the Hessian-vector products (operators hessian, functional): ``double_backward``,
+            ``forward_over_reverse`` or ``auto`` (the faster of one timed product of each, logged as
+            ``hessian/hvp_ms_<mode>``; ``hessian/hvp_forward_over_reverse`` says which was used; the
+            record's ``<prefix>_products`` keeps the choice): :mod:`callbacks.hessian_products`.
     """
 
     def __init__(
@@ -217,9 +213,8 @@ class HessianSpectrum(EpochEndMeasurement):
             "must be null, 'module', a list of patterns or a dict name -> pattern",
         )
         self.operator, self.blocks, self.trace_method = operator, blocks, trace_method
-        name = type(self).__name__ + ("" if prefix == "hessian" else f":{prefix}")
-        self.products = ProductPlan(batch_size, hvp, operator, bn_mode, name)
-        self.hvp = hvp
+        products.check_product_settings(batch_size, hvp, operator)
+        self.hvp, self._label = hvp, type(self).__name__ + ("" if prefix == "hessian" else f":{prefix}")
         self.subset_size, self.subset_seed = subset_size, subset_seed
         self.batch_size, self.k, self.smallest = batch_size, k, smallest
         self.tol, self.stop, self.max_iter = tol, stop, max_iter
@@ -234,6 +229,11 @@ class HessianSpectrum(EpochEndMeasurement):
         self._start: torch.Tensor | None = None
         self._cold_hvp: int | None = None
         self._next_cold = False
+        # products (callbacks/hessian_products.py), decided once for the run, and what the record keeps
+        self._hvp = None if hvp == "auto" else hvp
+        self._batch = None if batch_size == "auto" else batch_size
+        self._hvp_checked = hvp == "double_backward" or operator not in products.HESSIAN_OPERATORS
+        self._products_note, self._products_recorded = {}, False
 
     # ---- the measurement, usable without a Trainer (see measure.py) -------------------------
     def measure(
@@ -258,14 +258,16 @@ class HessianSpectrum(EpochEndMeasurement):
         if self.float64:
             model = copy.deepcopy(model).double()
             x = x.double()
-        self.products.check_model(model, loss_fn, x, y)
+        self.check_hvp(model, loss_fn, x, y)
         with gradients_enabled(), preserved_module_state(model, mode=self.bn_mode):
             # one operator for both: the forward pass and first backward are cached once
             idx = torch.arange(len(x)) if idx is None else idx
-            batch_size = self.products.batch_size_for(model, loss_fn, x, y)
-            batches = split_batches(x, y, batch_size, idx.to(x.device))
-            hvp, hvp_metrics = self.products.mode_for(model, loss_fn, batches, self.prefix)
-            op = curvature_operator(self.operator, model, loss_fn, batches, seed=self.seed, hvp=hvp)
+            batches = split_batches(x, y, self.batch_size_for(model, loss_fn, x, y), idx.to(x.device))
+            self._hvp, hvp_metrics, note = products.measurement_hvp(
+                self._hvp, self.operator, model, loss_fn, batches, self.prefix, self._label
+            )
+            self._products_note.update(note)
+            op = curvature_operator(self.operator, model, loss_fn, batches, seed=self.seed, hvp=self.hvp_mode)
             start = self._start if self.warm_start and not self._next_cold else None
             if start is not None and start.shape != (op.dim,):
                 start = None  # another model: start cold
@@ -326,6 +328,27 @@ class HessianSpectrum(EpochEndMeasurement):
         for message in self.convergence_warnings(metrics, eig.converged, where):
             rank_zero_warn(message)
         return metrics
+
+    @property
+    def hvp_mode(self) -> str:
+        """The Hessian-vector products' mode (double backward until ``auto`` has timed both)."""
+        return self._hvp or products.HVP_MODES[0]
+
+    def batch_size_for(self, model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor) -> int:
+        """The samples per forward pass: ``batch_size``, or what ``auto`` means for this model and
+        device (:mod:`callbacks.hessian_products`), decided at the first call and kept."""
+        if self._batch is None:
+            self._batch = products.resolved_batch_size(self.batch_size, model, loss_fn, x, y, self.bn_mode)
+        return self._batch
+
+    def check_hvp(self, model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Once, before the first measurement: can torch.func run the model (hvp)? See the module."""
+        if self._hvp_checked:
+            return
+        self._hvp_checked = True
+        why = products.forward_over_reverse_refusal(model, loss_fn, x, y, self.hvp, self.bn_mode, self._label)
+        if why is not None:
+            self._hvp, self._products_note["hvp_fallback_reason"] = products.HVP_MODES[0], why
 
     def convergence_warnings(
         self, metrics: dict[str, float], lanczos_converged: bool, where: str = ""
@@ -397,7 +420,8 @@ class HessianSpectrum(EpochEndMeasurement):
         # before training: can torch.func run the model (hvp)? Two samples, the same on every rank
         x2, y2 = load_items(dataset, torch.arange(min(2, len(dataset))))
         dtype = next(pl_module.parameters()).dtype
-        self.products.check_model(pl_module, self._loss_fn(pl_module), x2.to(dtype), y2)
+        loss_fn = getattr(pl_module, "loss_fn", None) or nn.functional.cross_entropy
+        self.check_hvp(pl_module, loss_fn, x2.to(dtype), y2)
         rank_zero_info(
             f"[HessianSpectrum:{self.prefix}] top-{self.k} {self.operator} eigenvalues"
             f"{f' (and per layer: {self.blocks})' if self.blocks is not None else ''} on {min(self.subset_size or len(dataset), len(dataset))} "
@@ -408,27 +432,26 @@ class HessianSpectrum(EpochEndMeasurement):
     def measure_module(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         param = next(pl_module.parameters())
         x, y, idx = (t.to(param.device) for t in self._data)
-        loss_fn = self._loss_fn(pl_module)
+        loss_fn = getattr(pl_module, "loss_fn", None) or nn.functional.cross_entropy
         model = pl_module.net if self.float64 else pl_module  # a copy of the network is converted
         progress = None
         if self.progress_after_s is not None:
-            name = type(self).__name__ + ("" if self.prefix == "hessian" else f":{self.prefix}")
-            label = f"[{name}] epoch {trainer.current_epoch}"
+            label = f"[{self._label}] epoch {trainer.current_epoch}"
             progress = ProgressLines(label, rank_zero_info, after_s=self.progress_after_s)
         metrics = self.measure(
             model, loss_fn, x.to(param.dtype), y, progress, f"epoch {trainer.current_epoch}", idx
         )
-        if (note := self.products.take_note()) is not None:
+        if not self._products_recorded:  # once per process: the batch size, hvp, its timings
+            hvp = {"hvp": self.hvp_mode} if self.operator in products.HESSIAN_OPERATORS else {}
+            note = {"batch_size": self._batch, **hvp, **self._products_note}
             annotate_run(trainer, **{f"{self.prefix}_products": note})
+            self._products_recorded = True
         return metrics
-
-    @staticmethod
-    def _loss_fn(pl_module: nn.Module):
-        return getattr(pl_module, "loss_fn", None) or nn.functional.cross_entropy
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state.update(cold_hvp=self._cold_hvp, next_cold=self._next_cold, products=self.products.state_dict())
+        state.update(cold_hvp=self._cold_hvp, next_cold=self._next_cold)
+        state["products"] = {"hvp": self._hvp, "batch": self._batch, "note": dict(self._products_note)}
         if self._start is not None and self._start.numel() * 8 <= self.warm_start_checkpoint_mb * 2**20:
             state["start_vector"] = self._start.clone()
         return state
@@ -437,7 +460,11 @@ class HessianSpectrum(EpochEndMeasurement):
         super().load_state_dict(state_dict)
         self._cold_hvp = state_dict.get("cold_hvp")
         self._next_cold = bool(state_dict.get("next_cold", False))
-        self.products.load_state_dict(state_dict.get("products") or {})
+        saved = state_dict.get("products") or {}
+        if self.hvp == "auto" and saved.get("hvp") is not None:  # a config's explicit choice wins
+            self._hvp, self._products_note = saved["hvp"], dict(saved.get("note") or {})
+        if self.batch_size == "auto" and saved.get("batch") is not None:
+            self._batch = saved["batch"]
         start = state_dict.get("start_vector")
         self._start = None if start is None else start.to("cpu", torch.float64)
 

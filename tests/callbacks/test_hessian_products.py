@@ -100,7 +100,7 @@ def tanh_net() -> nn.Module:
 
 def test_auto_times_both_modes_once_logs_and_records_the_choice(tmp_path):
     cb = HessianSpectrum(every_n_epochs=1, subset_size=None, k=2, tol=1e-6)
-    assert (cb.hvp, cb.products.batch_size) == ("auto", "auto")
+    assert (cb.hvp, cb.batch_size) == ("auto", "auto")
     module, record = fit(tanh_net(), cb, tmp_path)
     row = record["history"][-1]
     ms = {m: row[f"hessian/hvp_ms_{m}"] for m in ("double_backward", "forward_over_reverse")}
@@ -119,7 +119,7 @@ def test_auto_times_both_modes_once_logs_and_records_the_choice(tmp_path):
     x, y = Data().dataset.tensors
     again = resumed.measure(module.net, nn.functional.cross_entropy, x, y)
     assert not any(k.startswith("hessian/hvp_ms") for k in again)
-    assert (resumed.products.mode, resumed.products.batch) == (chosen, 250)
+    assert (resumed.hvp_mode, resumed.batch_size_for(module.net, None, x, y)) == (chosen, 250)
     assert again["hessian/hvp_forward_over_reverse"] == row["hessian/hvp_forward_over_reverse"]
 
 
