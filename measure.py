@@ -40,6 +40,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from callbacks.adversarial_accuracy import AdversarialAccuracy
+from callbacks.hessian_products import HVP_CHOICES
 from callbacks.hessian_spectrum import TRACE_METHODS, HessianSpectrum
 from callbacks.input_curvature import InputCurvature
 from lifecycle.guards import JobRefused, job_lock
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--blocks", nargs="+", default=None, help="per-layer curvature: module, or name patterns")
     p.add_argument("--trace-method", choices=TRACE_METHODS, default=None, help="hutchinson | hutchpp")
+    p.add_argument(
+        "--hvp", choices=HVP_CHOICES, default=None, help="Hessian-vector products (default: the run's)"
+    )
     p.add_argument("--float64", action="store_true", help="measure in float64")
     p.add_argument("--trace", action="store_true", help="also the Hutchinson trace")
     p.add_argument("--density", action="store_true", help="also the eigenvalue density (SLQ) and its plot")
@@ -171,7 +175,7 @@ def callback_settings(callbacks: dict, args: argparse.Namespace) -> tuple[dict, 
 
 
 def curvature_settings(args: argparse.Namespace) -> dict:
-    """--operator (its own prefix), --blocks and --trace-method as HessianSpectrum's arguments."""
+    """--operator (its own prefix), --blocks, --trace-method and --hvp as HessianSpectrum's arguments."""
     out = {}
     if args.operator not in (None, "hessian"):
         out.update(operator=args.operator, prefix=args.operator)
@@ -179,6 +183,8 @@ def curvature_settings(args: argparse.Namespace) -> dict:
         out["blocks"] = "module" if args.blocks == ["module"] else list(args.blocks)
     if args.trace_method:
         out["trace_method"] = args.trace_method
+    if args.hvp:
+        out["hvp"] = args.hvp
     return out
 
 
@@ -241,8 +247,13 @@ def measure(args: argparse.Namespace) -> int:
                 dens = hessian_density(
                     net,
                     torch.nn.functional.cross_entropy,
-                    split_batches(x.to(dtype), y, spectrum.batch_size),
+                    split_batches(
+                        x.to(dtype),
+                        y,
+                        spectrum.batch_size_for(net, torch.nn.functional.cross_entropy, x.to(dtype), y),
+                    ),
                     n_steps=args.density_steps,
+                    hvp=spectrum.hvp_mode,
                 )
             plot_density(dens, run_dir / "measurements" / f"{name}_density.png")
             save_density(run_dir / "measurements" / f"{name}_density.npz", dens, {"run": run_dir.name})
@@ -427,8 +438,8 @@ def measure_landscape(net, dm, h: dict, args, run_dir: Path, name: str, ckpt: Pa
     x, y, _ = load_rank_subset(
         dm.measurement_dataset("train"), spectrum.subset_size, spectrum.subset_seed, 0, 1
     )
-    batches = split_batches(x.to(dtype), y, spectrum.batch_size)
     loss_fn = torch.nn.functional.cross_entropy
+    batches = split_batches(x.to(dtype), y, spectrum.batch_size_for(net, loss_fn, x.to(dtype), y))
     n = args.landscape_points
     k = 2 if "2d" in args.landscape else 1
     start = time.perf_counter()

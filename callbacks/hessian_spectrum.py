@@ -13,9 +13,11 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from callbacks import hessian_products as products
 from callbacks.epoch_measurement import EpochEndMeasurement
+from callbacks.training_target import annotate_run
 from lightning_modules.config import BN_MODES, ConfigError, check
-from measures.batches import load_rank_subset, split_batches
+from measures.batches import load_items, load_rank_subset, split_batches
 from measures.blocks import block_spectra, parameter_blocks
 from measures.curvature import OPERATORS, curvature_operator
 from measures.estimators import hutchinson_trace, hutchpp_trace
@@ -108,7 +110,9 @@ class HessianSpectrum(EpochEndMeasurement):
             (:class:`~callbacks.epoch_measurement.EpochEndMeasurement`).
         subset_size: fixed training samples (null: the whole training split); ``subset_seed``
             chooses them.
-        batch_size: samples per forward pass of the Hessian-vector products.
+        batch_size: samples per forward pass of the products: a number, or ``auto`` (250 on a CPU
+            and with ``bn_mode=train``; on a GPU as many as a quarter of its free memory holds):
+            see :mod:`callbacks.hessian_products`.
         k: top-k eigenvalues; ``smallest``: also λ_min.
         tol, stop, max_iter: the Lanczos stop (see above) and its step budget.
         warm_start, warm_start_checkpoint_mb: see above.
@@ -124,6 +128,10 @@ class HessianSpectrum(EpochEndMeasurement):
         seed: the start vector's seed.
         progress_after_s: a measurement running longer than this prints its Lanczos step and
             current error every few seconds (rank 0 only); null: never.
+        hvp: the Hessian-vector products (operators hessian, functional): ``double_backward``,
+            ``forward_over_reverse`` or ``auto`` (the faster of one timed product of each, logged as
+            ``hessian/hvp_ms_<mode>``; ``hessian/hvp_forward_over_reverse`` says which was used; the
+            record's ``<prefix>_products`` keeps the choice): :mod:`callbacks.hessian_products`.
     """
 
     def __init__(
@@ -131,7 +139,7 @@ class HessianSpectrum(EpochEndMeasurement):
         every_n_epochs: int | None = 2,
         subset_size: int | None = 1000,
         subset_seed: int = 0,
-        batch_size: int = 250,
+        batch_size: int | str = "auto",
         k: int = 3,
         smallest: bool = False,
         tol: float = 1e-4,
@@ -152,16 +160,11 @@ class HessianSpectrum(EpochEndMeasurement):
         operator: str = "hessian",
         blocks: str | list | dict | None = None,
         trace_method: str = "hutchinson",
+        hvp: str = "auto",
     ):
         super().__init__(every_n_epochs, at_end, prefix, every_n_steps)
         check(isinstance(k, int) and k >= 1, "k", k, "must be an integer >= 1")
         self.check_subset_size(subset_size)
-        check(
-            isinstance(batch_size, int) and batch_size >= 1,
-            "batch_size",
-            batch_size,
-            "must be a positive integer",
-        )
         check(bn_mode in BN_MODES, "bn_mode", bn_mode, f"allowed: {', '.join(BN_MODES)}")
         check(tol > 0, "tol", tol, "must be > 0")
         check(stop in STOPS, "stop", stop, f"allowed: {', '.join(STOPS)}")
@@ -210,6 +213,8 @@ class HessianSpectrum(EpochEndMeasurement):
             "must be null, 'module', a list of patterns or a dict name -> pattern",
         )
         self.operator, self.blocks, self.trace_method = operator, blocks, trace_method
+        products.check_product_settings(batch_size, hvp, operator)
+        self.hvp, self._label = hvp, type(self).__name__ + ("" if prefix == "hessian" else f":{prefix}")
         self.subset_size, self.subset_seed = subset_size, subset_seed
         self.batch_size, self.k, self.smallest = batch_size, k, smallest
         self.tol, self.stop, self.max_iter = tol, stop, max_iter
@@ -224,6 +229,11 @@ class HessianSpectrum(EpochEndMeasurement):
         self._start: torch.Tensor | None = None
         self._cold_hvp: int | None = None
         self._next_cold = False
+        # products (callbacks/hessian_products.py), decided once for the run, and what the record keeps
+        self._hvp = None if hvp == "auto" else hvp
+        self._batch = None if batch_size == "auto" else batch_size
+        self._hvp_checked = hvp == "double_backward" or operator not in products.HESSIAN_OPERATORS
+        self._products_note, self._products_recorded = {}, False
 
     # ---- the measurement, usable without a Trainer (see measure.py) -------------------------
     def measure(
@@ -248,11 +258,16 @@ class HessianSpectrum(EpochEndMeasurement):
         if self.float64:
             model = copy.deepcopy(model).double()
             x = x.double()
+        self.check_hvp(model, loss_fn, x, y)
         with gradients_enabled(), preserved_module_state(model, mode=self.bn_mode):
             # one operator for both: the forward pass and first backward are cached once
             idx = torch.arange(len(x)) if idx is None else idx
-            batches = split_batches(x, y, self.batch_size, idx.to(x.device))
-            op = curvature_operator(self.operator, model, loss_fn, batches, seed=self.seed)
+            batches = split_batches(x, y, self.batch_size_for(model, loss_fn, x, y), idx.to(x.device))
+            self._hvp, hvp_metrics, note = products.measurement_hvp(
+                self._hvp, self.operator, model, loss_fn, batches, self.prefix, self._label
+            )
+            self._products_note.update(note)
+            op = curvature_operator(self.operator, model, loss_fn, batches, seed=self.seed, hvp=self.hvp_mode)
             start = self._start if self.warm_start and not self._next_cold else None
             if start is not None and start.shape != (op.dim,):
                 start = None  # another model: start cold
@@ -308,10 +323,32 @@ class HessianSpectrum(EpochEndMeasurement):
             metrics.update({f"{p}/layer/{name}/{k}": v for k, v in values.items() if k != "n_hvp"})
             metrics[f"{p}/layer_n_hvp"] = values["n_hvp"]
         metrics[f"{p}/n_hvp"] = float(op.n_hvp)
+        metrics.update(hvp_metrics)
         metrics[f"{p}/seconds"] = time.perf_counter() - start_time
         for message in self.convergence_warnings(metrics, eig.converged, where):
             rank_zero_warn(message)
         return metrics
+
+    @property
+    def hvp_mode(self) -> str:
+        """The Hessian-vector products' mode (double backward until ``auto`` has timed both)."""
+        return self._hvp or products.HVP_MODES[0]
+
+    def batch_size_for(self, model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor) -> int:
+        """The samples per forward pass: ``batch_size``, or what ``auto`` means for this model and
+        device (:mod:`callbacks.hessian_products`), decided at the first call and kept."""
+        if self._batch is None:
+            self._batch = products.resolved_batch_size(self.batch_size, model, loss_fn, x, y, self.bn_mode)
+        return self._batch
+
+    def check_hvp(self, model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Once, before the first measurement: can torch.func run the model (hvp)? See the module."""
+        if self._hvp_checked:
+            return
+        self._hvp_checked = True
+        why = products.forward_over_reverse_refusal(model, loss_fn, x, y, self.hvp, self.bn_mode, self._label)
+        if why is not None:
+            self._hvp, self._products_note["hvp_fallback_reason"] = products.HVP_MODES[0], why
 
     def convergence_warnings(
         self, metrics: dict[str, float], lanczos_converged: bool, where: str = ""
@@ -380,6 +417,11 @@ class HessianSpectrum(EpochEndMeasurement):
                 f"needs the network as {type(pl_module).__name__}.net (to measure a float64 copy)",
             )
         self._data = (x, y, idx)
+        # before training: can torch.func run the model (hvp)? Two samples, the same on every rank
+        x2, y2 = load_items(dataset, torch.arange(min(2, len(dataset))))
+        dtype = next(pl_module.parameters()).dtype
+        loss_fn = getattr(pl_module, "loss_fn", None) or nn.functional.cross_entropy
+        self.check_hvp(pl_module, loss_fn, x2.to(dtype), y2)
         rank_zero_info(
             f"[HessianSpectrum:{self.prefix}] top-{self.k} {self.operator} eigenvalues"
             f"{f' (and per layer: {self.blocks})' if self.blocks is not None else ''} on {min(self.subset_size or len(dataset), len(dataset))} "
@@ -394,16 +436,22 @@ class HessianSpectrum(EpochEndMeasurement):
         model = pl_module.net if self.float64 else pl_module  # a copy of the network is converted
         progress = None
         if self.progress_after_s is not None:
-            name = type(self).__name__ + ("" if self.prefix == "hessian" else f":{self.prefix}")
-            label = f"[{name}] epoch {trainer.current_epoch}"
+            label = f"[{self._label}] epoch {trainer.current_epoch}"
             progress = ProgressLines(label, rank_zero_info, after_s=self.progress_after_s)
-        return self.measure(
+        metrics = self.measure(
             model, loss_fn, x.to(param.dtype), y, progress, f"epoch {trainer.current_epoch}", idx
         )
+        if not self._products_recorded:  # once per process: the batch size, hvp, its timings
+            hvp = {"hvp": self.hvp_mode} if self.operator in products.HESSIAN_OPERATORS else {}
+            note = {"batch_size": self._batch, **hvp, **self._products_note}
+            annotate_run(trainer, **{f"{self.prefix}_products": note})
+            self._products_recorded = True
+        return metrics
 
     def state_dict(self) -> dict:
         state = super().state_dict()
         state.update(cold_hvp=self._cold_hvp, next_cold=self._next_cold)
+        state["products"] = {"hvp": self._hvp, "batch": self._batch, "note": dict(self._products_note)}
         if self._start is not None and self._start.numel() * 8 <= self.warm_start_checkpoint_mb * 2**20:
             state["start_vector"] = self._start.clone()
         return state
@@ -412,6 +460,11 @@ class HessianSpectrum(EpochEndMeasurement):
         super().load_state_dict(state_dict)
         self._cold_hvp = state_dict.get("cold_hvp")
         self._next_cold = bool(state_dict.get("next_cold", False))
+        saved = state_dict.get("products") or {}
+        if self.hvp == "auto" and saved.get("hvp") is not None:  # a config's explicit choice wins
+            self._hvp, self._products_note = saved["hvp"], dict(saved.get("note") or {})
+        if self.batch_size == "auto" and saved.get("batch") is not None:
+            self._batch = saved["batch"]
         start = state_dict.get("start_vector")
         self._start = None if start is None else start.to("cpu", torch.float64)
 

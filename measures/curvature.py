@@ -280,13 +280,14 @@ class DifferenceOperator:
 
 def curvature_operator(
     name: str, model: nn.Module, loss_fn, batches, *, cache: bool | str = "auto", seed: int = 0,
-    mc_samples: int = 1, process_group: ProcessGroup = None,
+    mc_samples: int = 1, process_group: ProcessGroup = None, hvp: str = "double_backward",
 ):  # fmt: skip
     """The operator ``name`` (:data:`OPERATORS`) of ``loss_fn`` on ``batches``; ``release()`` frees it.
 
     ``batches`` as :class:`~measures.hessian.HessianOperator` takes them, with each sample's index
     as a third element for ``"fisher"``. ``cache``: the Hessian's own rule (``"auto"``), True for
-    the others unless False.
+    the others unless False. ``hvp``: how the Hessian's products are computed (``"hessian"`` and
+    ``"functional"``; :data:`measures.hvp.HVP_MODES`).
     """
     if name not in OPERATORS:
         raise ValueError(f"operator must be one of {', '.join(OPERATORS)}, got {name!r}")
@@ -294,7 +295,7 @@ def curvature_operator(
     keep = cache is not False
     if name == "hessian":
         return HessianOperator(
-            model, loss_fn, [b[:2] for b in batches], cache=cache, process_group=process_group
+            model, loss_fn, [b[:2] for b in batches], cache=cache, process_group=process_group, hvp=hvp
         )
     if name == "ggn":
         return GGNOperator(model, loss_fn, batches, cache=keep, process_group=process_group)
@@ -305,7 +306,7 @@ def curvature_operator(
             model, loss_fn, batches, mc_samples=mc_samples, seed=seed, cache=keep, process_group=process_group
         )
     hessian = HessianOperator(
-        model, loss_fn, [b[:2] for b in batches], cache=cache, process_group=process_group
+        model, loss_fn, [b[:2] for b in batches], cache=cache, process_group=process_group, hvp=hvp
     )
     return DifferenceOperator(
         hessian, GGNOperator(model, loss_fn, batches, cache=keep, process_group=process_group)

@@ -9,12 +9,13 @@ with respect to every parameter with ``requires_grad=True``, flattened in ``mode
 order. Pure torch (no Lightning), in two layers over the solvers of :mod:`measures.linalg` and
 :mod:`measures.estimators`:
 
-1. :class:`HessianOperator` -- the linear map ``v -> H v``. Each product is exact
-   (Pearlmutter's double backprop: ``g = ∂L/∂θ`` with ``create_graph=True``, then
-   ``H v = ∂(g·v)/∂θ``), never a finite difference, and never calls ``.backward()``.
-   With ``cache=True`` the forward pass and first backward are done once and kept, so each
-   product is one second backward; ``cache=False`` recomputes them per product (data larger
-   than memory). Under ``torch.distributed`` each rank sums its shard and the product is
+1. :class:`HessianOperator` -- the linear map ``v -> H v``. Each product is exact, never a
+   finite difference, and never calls ``.backward()``: by double backprop (Pearlmutter:
+   ``g = ∂L/∂θ`` with ``create_graph=True``, then ``H v = ∂(g·v)/∂θ``) or by forward-over-reverse
+   (``torch.func.jvp`` of ``torch.func.grad``; ``hvp=``, see :mod:`measures.hvp`, and
+   :func:`fastest_hvp` to time both). With double backprop and ``cache=True`` the forward pass and
+   first backward are done once and kept, so each product is one second backward;
+   ``cache=False`` recomputes them per product (data larger than memory). Under ``torch.distributed`` each rank sums its shard and the product is
    all-reduced over ``process_group`` (see :mod:`measures.distributed`), so every rank holds the
    same vector bit for bit.
 2. One-call functions on a model: :func:`hessian_eigenvalues`, :func:`hessian_trace`,
@@ -26,12 +27,14 @@ order. Pure torch (no Lightning), in two layers over the solvers of :mod:`measur
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from measures.distributed import ProcessGroup, all_reduce_sum
+from measures.distributed import ProcessGroup, all_reduce_sum, rank_world
 from measures.estimators import (
     DensityResult,
     TraceResult,
@@ -39,11 +42,14 @@ from measures.estimators import (
     lanczos_density,
     power_eigenvalues,
 )
+from measures.hvp import HVP_MODES, ForwardOverReverse, SavedBytes, available_memory, check_hvp, reason
 from measures.linalg import DEFAULT_TOL, EigenResult, lanczos_eigenvalues
 from measures.module_state import gradients_enabled, parameters_requiring_grad, preserved_module_state
 
 __all__ = [
     "HessianOperator",
+    "HvpChoice",
+    "fastest_hvp",
     "hessian_density",
     "hessian_eigenvalues",
     "hessian_trace",
@@ -56,41 +62,6 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # --------------------------------------------------------------------------------------------
 # The Hessian as a linear operator
 # --------------------------------------------------------------------------------------------
-
-
-def _available_memory(device: torch.device) -> int:
-    """Free bytes on ``device`` (CUDA: driver's free memory; CPU: MemAvailable)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 * 2**30
-
-
-class _SavedBytes:
-    """Counts the bytes autograd saves for backward (each storage once) while active."""
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self._seen: set[int] = set()
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        try:
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in self._seen:
-                self._seen.add(ptr)
-                self.bytes += t.untyped_storage().nbytes()
-        except (RuntimeError, NotImplementedError):  # tensors without storage
-            pass
-        return t
-
-    def context(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
 
 
 @contextlib.contextmanager
@@ -127,6 +98,11 @@ class HessianOperator:
             at a time. ``"auto"`` measures the bytes saved for backward by the first batch,
             extrapolates to this rank's samples and caches when that fits in
             ``cache_memory_fraction`` of the free memory of the parameters' device.
+        hvp: ``"double_backward"`` (the above) or ``"forward_over_reverse"``
+            (:class:`~measures.hvp.ForwardOverReverse`: per product and batch, one forward pass
+            with tangents and its backward). Forward-over-reverse keeps no graph between products:
+            ``cache`` is accepted and ignored (``cached`` is False), and the memory is that of one
+            batch's product at a time, as with ``cache=False``.
 
     The operator is valid for the parameter values at construction: an in-place parameter
     update afterwards makes autograd raise on the next cached product. ``release()`` frees
@@ -151,7 +127,9 @@ class HessianOperator:
         cache: bool | str = "auto",
         cache_memory_fraction: float = 0.5,
         process_group: ProcessGroup = None,
+        hvp: str = "double_backward",
     ) -> None:
+        check_hvp(hvp)
         if cache not in (True, False, "auto"):
             raise ValueError(f"cache must be True, False or 'auto', got {cache!r}")
         if not 0 < cache_memory_fraction <= 1:
@@ -170,6 +148,10 @@ class HessianOperator:
         self.n_hvp = 0
         self._grads: list[torch.Tensor] | None = None  # cached gradient (with graph), or None
         self._grad_index: list[int] = []  # which parameters' gradients have a graph
+        self.hvp = hvp
+        self._fvr = ForwardOverReverse(model, loss_fn, self.params) if hvp == HVP_MODES[1] else None
+        if self._fvr is not None:
+            cache = False  # nothing to keep between forward-over-reverse products
 
         with gradients_enabled(), preserved_module_state(model), _private_buffers(model):
             n_local = self._build_cache(cache, cache_memory_fraction) if cache else self._count()
@@ -209,7 +191,7 @@ class HessianOperator:
     def _build_cache(self, cache: bool | str, fraction: float) -> int:
         """One forward + first backward over all local batches, graphs kept; returns n_local."""
         n_local, total = 0, None
-        meter = _SavedBytes()
+        meter = SavedBytes()
         for x, y in self.batches:
             if len(x) == 0:
                 continue
@@ -219,7 +201,7 @@ class HessianOperator:
                     torch.autograd.grad(first, self.params, create_graph=True, allow_unused=True)
                 n_all = self._count()
                 # about 2x: the gradient graph of the whole data is built again below
-                if 2 * meter.bytes * n_all / len(x) > fraction * _available_memory(self.device):
+                if 2 * meter.bytes * n_all / len(x) > fraction * available_memory(self.device):
                     return n_all
                 loss_b = first
             else:
@@ -284,6 +266,9 @@ class HessianOperator:
             for x, y in self.batches:
                 if len(x) == 0:
                     continue
+                if self._fvr is not None:
+                    out += self._fvr(*self._prepared(x, y), v)
+                    continue
                 loss_b = self._summed_loss(x, y)
                 if not loss_b.requires_grad:
                     continue
@@ -294,13 +279,14 @@ class HessianOperator:
         return out
 
     def matmat(self, vs: torch.Tensor) -> torch.Tensor:
-        """``H V`` for the columns of ``V`` (``(dim, b)``), as ``b`` products in one batched backward.
+        """``H V`` for the columns of ``V`` (``(dim, b)``), as ``b`` products in one pass.
 
-        Same values as ``b`` calls of :meth:`matvec` (up to rounding), one collective. Whether it is
-        faster depends on the device: on the 2-core CPU here a batched second backward cost 0.86x to
-        1.43x per vector of single ones (``benchmarks/hessian_products.py``), so the solvers use it
-        only where vectors come in blocks anyway (Hutchinson's ``block``); Lanczos stays
-        single-vector. Counts ``b`` products.
+        Double backward: one batched second backward (``is_grads_batched``); forward-over-reverse:
+        one ``vmap`` over the tangents. Same values as ``b`` calls of :meth:`matvec` (up to
+        rounding), one collective. Whether a vector costs less this way depends on the model and
+        the device (``benchmarks/hessian_products.py``), so the solvers use it only where vectors
+        come in blocks anyway (Hutchinson's ``block``); Lanczos stays single-vector. Counts ``b``
+        products.
         """
         if vs.dim() != 2 or vs.shape[0] != self.dim:
             raise ValueError(f"V must have shape ({self.dim}, b), got {tuple(vs.shape)}")
@@ -324,6 +310,74 @@ class HessianOperator:
         return hv.to(device=v.device, dtype=v.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class HvpChoice:
+    """What :func:`fastest_hvp` found: the faster mode, each mode's time, why one was not usable.
+
+    ``ms``: milliseconds of one product of this rank's shard per mode, averaged over the ranks
+    (``forward_over_reverse`` is absent when torch.func could not run the model); ``reason``: why
+    forward-over-reverse failed (:func:`measures.hvp.reason`), else None.
+    """
+
+    mode: str
+    ms: dict[str, float]
+    reason: str | None = None
+
+
+def _time_local_product(op: HessianOperator, v: torch.Tensor) -> float:
+    """Seconds of one product of this rank's shard (no collective), after one product to warm up
+    (lazy initialization, cuDNN's choice of algorithm)."""
+    sync = torch.cuda.synchronize if op.device.type == "cuda" else lambda *_: None
+    op._local_product(v)
+    sync(op.device)
+    start = time.perf_counter()
+    op._local_product(v)
+    sync(op.device)
+    return time.perf_counter() - start
+
+
+def fastest_hvp(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Batches,
+    *,
+    cache: bool | str = "auto",
+    process_group: ProcessGroup = None,
+) -> HvpChoice:
+    """Time one product of each mode of :data:`~measures.hvp.HVP_MODES` on ``batches`` and return
+    the faster (double backward with ``cache`` as the operator would use it: the time of a product,
+    not of building the cache).
+
+    A model torch.func cannot run makes it choose double backward and say why. Only this rank's
+    products are timed, with no collective while a mode may fail; the times and failures are then
+    summed over ``process_group``, so every rank takes the same decision. Runs in the model's
+    current mode and leaves it as found.
+    """
+    batches = list(batches)
+    times, why = torch.zeros(3, dtype=torch.float64), None
+    with gradients_enabled(), preserved_module_state(model):
+        for i, mode in enumerate(HVP_MODES):
+            op = HessianOperator(model, loss_fn, batches, cache=cache, hvp=mode, process_group=process_group)
+            g = torch.Generator().manual_seed(0)
+            v = torch.randn(op.dim, generator=g, dtype=torch.float64).to(op.device, op.dtype)
+            try:
+                times[i] = _time_local_product(op, v)
+            except Exception as e:  # noqa: BLE001 - whatever torch.func refuses makes the choice
+                if mode == "double_backward":
+                    raise
+                times[2], why = 1.0, reason(e)
+            finally:
+                op.release()
+    device = parameters_requiring_grad(model)[0].device
+    total = all_reduce_sum(times.to(device), process_group).cpu()
+    world = rank_world(process_group)[1]
+    ms = {mode: 1e3 * float(total[i]) / world for i, mode in enumerate(HVP_MODES)}
+    if total[2] > 0:
+        ms.pop("forward_over_reverse")
+        return HvpChoice("double_backward", ms, why or "forward-over-reverse failed on another rank")
+    return HvpChoice(min(HVP_MODES, key=ms.__getitem__), ms)
+
+
 # --------------------------------------------------------------------------------------------
 # One call on a model
 # --------------------------------------------------------------------------------------------
@@ -331,11 +385,12 @@ class HessianOperator:
 
 @contextlib.contextmanager
 def _hessian(
-    model: nn.Module, loss_fn: LossFn, batches: Batches, cache: bool | str, process_group: ProcessGroup
-) -> Iterator[HessianOperator]:
+    model: nn.Module, loss_fn: LossFn, batches: Batches, cache: bool | str, process_group: ProcessGroup,
+    hvp: str,
+) -> Iterator[HessianOperator]:  # fmt: skip
     """The Hessian operator of one call, the model left exactly as found and the graphs freed after."""
     with gradients_enabled(), preserved_module_state(model):
-        op = HessianOperator(model, loss_fn, batches, cache=cache, process_group=process_group)
+        op = HessianOperator(model, loss_fn, batches, cache=cache, process_group=process_group, hvp=hvp)
         try:
             yield op
         finally:
@@ -358,6 +413,7 @@ def hessian_eigenvalues(
     return_eigenvectors: bool = False,
     process_group: ProcessGroup = None,
     stop: str = "eigenvalue",
+    hvp: str = "double_backward",
     **lanczos,
 ) -> EigenResult:
     """The ``k`` largest (algebraic, ``which="top"``) Hessian eigenvalues, descending.
@@ -369,14 +425,14 @@ def hessian_eigenvalues(
     eigenvalue for power iteration. ``method="power"`` finds the largest magnitude eigenvalues
     (PyHessian parity). Further keywords (``confirm``, ``start``, ``start_mix``, ``guard``,
     ``return_start``, ``progress``) go to :func:`~measures.linalg.lanczos_eigenvalues`. See
-    :class:`HessianOperator` for ``batches``/``cache``/``process_group``, and
+    :class:`HessianOperator` for ``batches``/``cache``/``process_group``/``hvp``, and
     :class:`EigenResult` for the fields. The model is left exactly as found.
     """
     if method not in ("lanczos", "power"):
         raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
     if method == "power" and (smallest or lanczos):
         raise ValueError(f"smallest eigenvalues and {sorted(lanczos)} need method='lanczos'")
-    with _hessian(model, loss_fn, batches, cache, process_group) as op:
+    with _hessian(model, loss_fn, batches, cache, process_group, hvp) as op:
         if method == "power":
             return power_eigenvalues(
                 op, k, tol=1e-3 if tol is None else tol, max_iter=max_iter, seed=seed,
@@ -400,10 +456,11 @@ def hessian_trace(
     seed: int = 0,
     cache: bool | str = "auto",
     process_group: ProcessGroup = None,
+    hvp: str = "double_backward",
 ) -> TraceResult:
     """Hutchinson estimate of ``tr(H)``; stops when ``stderr <= rtol·|trace|`` (see
     :func:`hutchinson_trace`). The model is left exactly as found."""
-    with _hessian(model, loss_fn, batches, cache, process_group) as op:
+    with _hessian(model, loss_fn, batches, cache, process_group, hvp) as op:
         return hutchinson_trace(
             op, rtol=rtol, min_samples=min_samples, max_samples=max_samples, block=block, seed=seed
         )
@@ -419,7 +476,8 @@ def hessian_density(
     seed: int = 0,
     cache: bool | str = "auto",
     process_group: ProcessGroup = None,
+    hvp: str = "double_backward",
 ) -> DensityResult:
     """Spectral density by stochastic Lanczos quadrature (see :func:`lanczos_density`)."""
-    with _hessian(model, loss_fn, batches, cache, process_group) as op:
+    with _hessian(model, loss_fn, batches, cache, process_group, hvp) as op:
         return lanczos_density(op, n_steps=n_steps, n_vectors=n_vectors, seed=seed)
