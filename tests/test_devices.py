@@ -13,9 +13,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_modules.datasets import ImageTensorDataset
+from lightning_modules.loaders import DeviceLoader, GlobalBatchSampler, ResumableLoader
 from lightning_modules.module import SGDClassifier, SGDConfig
 from measures.attacks import AttackSpec, robust_masks
-from measures.hessian import hessian_eigenvalues
+from measures.hessian import HessianOperator, hessian_eigenvalues
 from tests.helpers import attack_data, exact_hessian, small_cnn
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
@@ -108,3 +110,41 @@ def test_lightning_training_on_the_device_equals_a_plain_loop_on_the_host(device
             opt.step()
     for a, b in zip(module.net.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(a.detach().cpu(), b.detach(), rtol=1e-9, atol=1e-11)
+
+
+def test_forward_over_reverse_equals_double_backward(device):
+    """The two Hessian-vector product modes on the device, float64, eval-mode BatchNorm: equal, and
+    equal to the dense CPU Hessian times the vector."""
+    net, (x, y), loss = (
+        small_cnn(dtype=torch.float64),
+        attack_data(20, dtype=torch.float64),
+        nn.CrossEntropyLoss(),
+    )
+    dense = exact_hessian(net, loss, x, y)
+    v = torch.randn(dense.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    batches = [(x[:8].to(device), y[:8].to(device)), (x[8:].to(device), y[8:].to(device))]
+    net = net.to(device)
+    for mode in ("double_backward", "forward_over_reverse"):
+        hv = HessianOperator(net, loss, batches, hvp=mode).matvec(v.to(device)).cpu()
+        torch.testing.assert_close(hv, dense @ v, rtol=1e-9, atol=1e-11, msg=mode)
+
+
+def test_device_loader_gathers_the_dataloader_batches(device):
+    """``data.on_device``: batches gathered from the split's tensors on the device = the DataLoader's
+    batches on the host, every batch of two epochs, with random crops and flips."""
+    g = torch.Generator().manual_seed(7)
+    ds = ImageTensorDataset(torch.randint(0, 256, (37, 1, 6, 5), dtype=torch.uint8, generator=g), torch.arange(37),
+                            augment="crop_flip", crop_padding=2)  # fmt: skip
+    host = ResumableLoader(ds, batch_sampler=GlobalBatchSampler(37, 8, 8, 0, 1, seed=5))
+    placed = DeviceLoader(ds.to(device), GlobalBatchSampler(37, 8, 8, 0, 1, seed=5))
+    batches = {}
+    for name, loader in (("host", host), ("device", placed)):
+        torch.manual_seed(0)
+        batches[name] = []
+        for epoch in (0, 1):
+            loader.batch_sampler.set_epoch(epoch)
+            batches[name] += list(loader)
+    assert len(batches["host"]) == len(batches["device"]) == 10
+    for (xa, ya), (xb, yb) in zip(batches["host"], batches["device"], strict=True):
+        assert xb.device.type == device.type
+        assert torch.equal(xa, xb.cpu()) and torch.equal(ya, yb.cpu())
