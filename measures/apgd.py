@@ -10,7 +10,9 @@ usable under ``no_grad``/``inference_mode``, no global RNG).
   targeted DLR loss ``-(z_y - z_t) / (z_(1) - (z_(3) + z_(4)) / 2)``;
 - :func:`apgd_single_run`: one run from a given start (torchattacks' ``attack_single_run``);
 - :func:`apgd_robust`: which samples withstand an attack, for the robust-accuracy counts
-  (:func:`measures.attacks.robust_accuracy_counts` with ``AttackSpec("apgdce" | "apgdt", ...)``).
+  (:func:`measures.attacks.robust_accuracy_counts` with ``AttackSpec("apgdce" | "apgdt", ...)``),
+  APGD-T's target classes as rows of one batch (:func:`apgd_rows`); the run itself is
+  :func:`measures.apgd_run.run_apgd`.
 
 The algorithm (Croce & Hein 2020, Alg. 1) as their code (``fra31/auto-attack``) and torchattacks
 3.5.1 run it: the first step has size 2·eps and no momentum, every later step is
@@ -245,40 +247,73 @@ def apgd_robust(
     seed: int = 0,
     random_start: bool = True,
     early_exit: bool = True,
+    max_rows: int | None = None,
     work=None,
 ) -> torch.Tensor:
     """Which samples withstand APGD-CE (``targeted=False``) or APGD-T: the robust-accuracy count's form.
 
-    Each run's start is a function of (seed, the sample's index ``idx``, the run) only
-    (:func:`apgd_unit_start`; ``random_start=False``: the clean input), so the result does not
-    depend on batching. ``early_exit=True``: robust = correct at every iterate of every run (as
-    AutoAttack counts; a sample leaves at the first iterate that fools it, and APGD-T attacks it
-    for the next target only if still robust). ``early_exit=False``: every sample gets every run
-    in full, and robust = correct at the best-loss point (the paper's output) of every run.
+    :func:`apgd_rows`' first output (the arguments are its own).
+    """
+    return apgd_rows(
+        model, x, y, idx, eps, targeted=targeted, norm=norm, n_iter=n_iter, n_target_classes=n_target_classes,
+        seed=seed, random_start=random_start, early_exit=early_exit, max_rows=max_rows, work=work,
+    )[0]  # fmt: skip
+
+
+def apgd_rows(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    idx: torch.Tensor,
+    eps: float,
+    *,
+    targeted: bool,
+    norm: str,
+    n_iter: int,
+    n_target_classes: int = 9,
+    seed: int = 0,
+    random_start: bool = True,
+    early_exit: bool = True,
+    max_rows: int | None = None,
+    work=None,
+) -> tuple[torch.Tensor, APGDRun]:
+    """(robust per sample, every run's :class:`APGDRun`): APGD-CE's run or APGD-T's runs, all in one batch.
+
+    APGD-T's runs, one per target class (the classes ranked 2nd, 3rd, ... by the clean logits),
+    are rows of one batch: row ``j · len(x) + i`` is sample ``i``'s run towards its ``(j + 2)``-th
+    class; APGD-CE has one row per sample. Each run's start is a function of (seed, the sample's
+    index ``idx``, the run) only (:func:`apgd_unit_start`; ``random_start=False``: the clean
+    input), so the result does not depend on batching. ``early_exit=True``: robust = correct at
+    every iterate of every run (as AutoAttack counts); a sample leaves the batch, all its runs at
+    once, at the first iterate that fools it in any run. The robust samples are those of running
+    the target classes one after the other, each on the samples still robust (AutoAttack's way):
+    both need every run of a robust sample in full, and a sample fooled by one run is broken
+    either way. ``early_exit=False``: every run in full, and robust = correct at the best-loss
+    point (the paper's output) of every run. ``max_rows``: rows per model call (None: ``len(x)``,
+    so the caller's batch size bounds the memory whatever the number of target classes).
     Samples are not checked at clean here: the caller passes those it attacks. No state
     handling (the caller's); ``work``: an ``AttackWork`` increased by the work done.
     """
-    robust = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    n = len(x)
     if targeted:
         with torch.no_grad():
             logits = model(x)
         if work is not None:
-            work.forwards += len(x)
+            work.forwards += n
         ranked = logits.sort(dim=1)[1]
-        runs = range(1, _n_targets(logits.shape[1], n_target_classes) + 1)
+        runs = list(range(1, _n_targets(logits.shape[1], n_target_classes) + 1))
+        y_target = torch.cat([ranked[:, -(run + 1)] for run in runs])
     else:
-        runs = range(1)
-    for run in runs:
-        rows = robust.nonzero().squeeze(1) if early_exit else torch.arange(len(x), device=x.device)
-        if len(rows) == 0:
-            break
-        xs = x[rows]
-        start = (
-            (xs + eps * apgd_unit_start(xs, idx[rows], seed, norm, run)).clamp(0, 1) if random_start else xs
-        )
-        result = run_apgd(
-            model, xs, y[rows], start, eps, norm=norm, n_iter=n_iter, rho=0.75,
-            y_target=ranked[rows, -(run + 1)] if targeted else None, early_exit=early_exit, work=work,
-        )  # fmt: skip
-        robust[rows] &= result.robust if early_exit else result.correct_at_best
-    return robust
+        runs, y_target = [0], None
+    if random_start:
+        start = torch.cat([(x + eps * apgd_unit_start(x, idx, seed, norm, run)).clamp(0, 1) for run in runs])
+    else:
+        start = x.repeat(len(runs), *([1] * (x.dim() - 1)))
+    result = run_apgd(
+        model, x.repeat(len(runs), *([1] * (x.dim() - 1))), y.repeat(len(runs)), start, eps, norm=norm,
+        n_iter=n_iter, rho=0.75, y_target=y_target, early_exit=early_exit,
+        groups=torch.arange(n, device=x.device).repeat(len(runs)), max_rows=n if max_rows is None else max_rows,
+        work=work,
+    )  # fmt: skip
+    ok = result.robust if early_exit else result.correct_at_best
+    return ok.view(len(runs), n).all(dim=0), result
