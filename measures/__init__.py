@@ -13,7 +13,8 @@
   (:func:`~measures.attacks.robust_accuracy_counts`, per sample :func:`~measures.attacks.robust_masks`);
 - :mod:`measures.pgd`: FGSM and PGD (L∞, L2), their step, projection and random starts;
 - :mod:`measures.apgd`: AutoAttack's APGD-CE and targeted APGD-DLR (Croce & Hein 2020), counted by
-  the same function (``AttackSpec("apgdce" | "apgdt", ...)``);
+  the same function (``AttackSpec("apgdce" | "apgdt", ...)``); one APGD run on a batch of rows in
+  :mod:`measures.apgd_run`;
 - :mod:`measures.names`: the attacks' and norms' names (torch-free: the run config reads them);
 - :mod:`measures.checks`: gradient-masking checks on those counts;
 - :mod:`measures.distributed`, :mod:`measures.batches`, :mod:`measures.module_state`,

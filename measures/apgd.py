@@ -10,7 +10,9 @@ usable under ``no_grad``/``inference_mode``, no global RNG).
   targeted DLR loss ``-(z_y - z_t) / (z_(1) - (z_(3) + z_(4)) / 2)``;
 - :func:`apgd_single_run`: one run from a given start (torchattacks' ``attack_single_run``);
 - :func:`apgd_robust`: which samples withstand an attack, for the robust-accuracy counts
-  (:func:`measures.attacks.robust_accuracy_counts` with ``AttackSpec("apgdce" | "apgdt", ...)``).
+  (:func:`measures.attacks.robust_accuracy_counts` with ``AttackSpec("apgdce" | "apgdt", ...)``),
+  APGD-T's target classes as rows of one batch (:func:`apgd_rows`); the run itself is
+  :func:`measures.apgd_run.run_apgd`.
 
 The algorithm (Croce & Hein 2020, Alg. 1) as their code (``fra31/auto-attack``) and torchattacks
 3.5.1 run it: the first step has size 2·eps and no momentum, every later step is
@@ -33,72 +35,22 @@ Not implemented: restarts beyond one, EOT, the L1 version, untargeted DLR.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from measures.apgd_run import DIVISION_EPS, APGDRun, l2, per_sample, run_apgd
 from measures.module_state import autograd_input, gradients_enabled, preserved_module_state
 from measures.names import NORMS
 from measures.noise import generator_start, sample_normal, sample_uniform
 
-MOMENTUM = 0.75  # the paper's alpha: weight of the new step (the first step has none)
-DIVISION_EPS = 1e-12  # the reference code's guard in normalizations and the DLR denominator
 _START_STREAM = 16  # noise streams of APGD's per-sample starts: 16 + 2·run (+1); PGD uses 0-3
-
-
-@dataclass
-class APGDRun:
-    """The result of one APGD run (per sample).
-
-    ``x_best``/``loss_best``: the point of highest loss and its loss (the paper's output);
-    ``correct_at_best``: whether the model classifies ``x_best`` correctly; ``robust``: correct at
-    the start and at every iterate (AutoAttack's count); ``x_fooled``: the last iterate that fooled
-    the model (the start where none did; torchattacks' ``x_best_adv``). With ``early_exit`` a
-    sample leaves at the first iterate that fools it: its ``x_fooled`` is that iterate and its
-    ``x_best``/``loss_best`` are those of that moment.
-    """
-
-    x_best: torch.Tensor
-    loss_best: torch.Tensor
-    correct_at_best: torch.Tensor
-    robust: torch.Tensor
-    x_fooled: torch.Tensor
-
-
-def checkpoint_lengths(n_iter: int) -> tuple[int, int, int]:
-    """(first distance, smallest distance, decrease) between checkpoints: 22%, 6%, 3% of ``n_iter``."""
-    return max(int(0.22 * n_iter), 1), max(int(0.06 * n_iter), 1), max(int(0.03 * n_iter), 1)
-
-
-def dlr_targeted_loss(logits: torch.Tensor, y: torch.Tensor, y_target: torch.Tensor) -> torch.Tensor:
-    """Targeted DLR loss per sample: ``-(z_y - z_t) / (z_(1) - (z_(3) + z_(4)) / 2 + 1e-12)``.
-
-    ``z_(k)``: the k-th largest logit. Invariant to shifting and scaling the logits; needs at
-    least 4 classes. Written as torchattacks writes it (the same rounding).
-    """
-    z_sorted = logits.sort(dim=1)[0]
-    rows = torch.arange(len(logits), device=logits.device)
-    return -(logits[rows, y] - logits[rows, y_target]) / (
-        z_sorted[:, -1] - 0.5 * z_sorted[:, -3] - 0.5 * z_sorted[:, -4] + DIVISION_EPS
-    )
-
-
-def _per_sample(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return t.view(-1, *([1] * (x.dim() - 1)))
-
-
-def _l2(t: torch.Tensor) -> torch.Tensor:
-    """Per-sample L2 norm, keepdim (summed over dims 1.. as the reference code sums)."""
-    return (t**2).sum(dim=tuple(range(1, t.dim())), keepdim=True).sqrt()
 
 
 def _unit_direction(t: torch.Tensor, norm: str) -> torch.Tensor:
     """``t`` scaled to unit L∞ (``t / max |t|``) or unit L2 norm, per sample: the start direction."""
     if norm == "linf":
-        return t / _per_sample(t.flatten(1).abs().amax(dim=1), t)
-    return t / (_l2(t) + DIVISION_EPS)
+        return t / per_sample(t.flatten(1).abs().amax(dim=1), t)
+    return t / (l2(t) + DIVISION_EPS)
 
 
 def apgd_unit_start(x: torch.Tensor, idx: torch.Tensor, seed: int, norm: str, run: int) -> torch.Tensor:
@@ -121,162 +73,6 @@ def _reference_unit(norm: str):
     """APGD's start direction out of ``generator_start``'s draw, as the reference makes it (as
     :func:`apgd_unit_start`: the uniform draw over its largest entry, or the normal one normalized)."""
     return lambda t, uniform: _unit_direction(t, norm)
-
-
-def _project(x_new: torch.Tensor, x: torch.Tensor, eps: float, norm: str, guard: bool) -> torch.Tensor:
-    """Onto the eps-ball around ``x`` and [0, 1], as the reference writes it (``guard``: the
-    ``+ 1e-12`` torchattacks adds to the L2 norm in the second projection of a step)."""
-    if norm == "linf":
-        return torch.clamp(torch.min(torch.max(x_new, x - eps), x + eps), 0.0, 1.0)
-    d = x_new - x
-    size = _l2(d)
-    return torch.clamp(
-        x + d / (size + DIVISION_EPS) * torch.clamp(size + DIVISION_EPS if guard else size, max=eps), 0.0, 1.0
-    )
-
-
-def _step(
-    x_adv: torch.Tensor,
-    x_prev: torch.Tensor,
-    grad: torch.Tensor,
-    x: torch.Tensor,
-    step_size: torch.Tensor,
-    eps: float,
-    norm: str,
-    a: float,
-) -> torch.Tensor:
-    """One APGD step: the projected gradient step ``z``, then momentum ``x + a(z - x) + (1 - a)(x - x_prev)``."""
-    momentum = x_adv - x_prev
-    if norm == "linf":
-        z = _project(x_adv + step_size * torch.sign(grad), x, eps, norm, guard=False)
-    else:
-        z = _project(x_adv + step_size * grad / (_l2(grad) + DIVISION_EPS), x, eps, norm, guard=False)
-    return _project(x_adv + (z - x_adv) * a + momentum * (1 - a), x, eps, norm, guard=True)
-
-
-def _too_few_increases(loss_steps: torch.Tensor, i: int, k: int, rho: float) -> torch.Tensor:
-    """Samples whose loss went up in at most ``rho · k`` of the last ``k`` steps (checkpoint at ``i``).
-
-    ``loss_steps[j]``: the loss after step ``j``. Row ``-1`` wraps to the last row, as in the
-    reference code (at the first checkpoint that row is still 0).
-    """
-    ups = torch.zeros(loss_steps.shape[1], dtype=torch.int64, device=loss_steps.device)
-    for c in range(k):
-        ups += loss_steps[i - c] > loss_steps[i - c - 1]
-    return ups <= k * rho
-
-
-def _apgd_run(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    start: torch.Tensor,
-    eps: float,
-    *,
-    norm: str,
-    n_iter: int,
-    rho: float,
-    y_target: torch.Tensor | None,
-    early_exit: bool,
-    work=None,
-) -> APGDRun:
-    """One APGD run (no state handling: the callers do it). ``work``: an ``AttackWork`` or None.
-
-    Every per-sample quantity lives in a row of the state; a sample fooled under ``early_exit``
-    has its outputs written and its row dropped. The others go on exactly as in the full batch
-    (the checkpoint schedule depends on the iteration only; eval mode: samples are independent).
-    """
-    n = len(x)
-    out = APGDRun(
-        x_best=start.detach().clone(),
-        loss_best=torch.zeros(n, dtype=x.dtype, device=x.device),
-        correct_at_best=torch.zeros(n, dtype=torch.bool, device=x.device),
-        robust=torch.ones(n, dtype=torch.bool, device=x.device),
-        x_fooled=start.detach().clone(),
-    )
-    active = torch.arange(n, device=x.device)
-    first, smallest, decrease = checkpoint_lengths(n_iter)
-    k, since_check = first, 0
-
-    def loss_of(logits: torch.Tensor) -> torch.Tensor:
-        if y_target is None:
-            return F.cross_entropy(logits, y, reduction="none")
-        return dlr_targeted_loss(logits, y, y_target)
-
-    x_adv = start.detach()
-    grad = None
-    state: dict[str, torch.Tensor] = {}
-    for i in range(-1, n_iter):  # -1: the start
-        if i >= 0:
-            with torch.no_grad():
-                x_new = _step(x_adv, state["x_prev"], grad, x, state["step_size"], eps, norm, 1.0 if i == 0 else MOMENTUM)  # fmt: skip
-                state["x_prev"] = x_adv
-                x_adv = x_new
-        last = i == n_iter - 1
-        with torch.set_grad_enabled(not last):
-            x_adv.requires_grad_(not last)
-            logits = model(x_adv)
-            loss = loss_of(logits)
-        grad = None if last else torch.autograd.grad(loss.sum(), x_adv)[0]
-        x_adv, loss = x_adv.detach(), loss.detach()
-        correct = logits.detach().argmax(dim=1) == y
-        if work is not None:
-            stays = len(x) if not early_exit else int(correct.sum())
-            work.gradients += 0 if last else stays
-            work.forwards += len(x) if last else len(x) - stays
-        fooled = ~correct
-        out.robust[active[fooled]] = False
-        out.x_fooled[active[fooled]] = x_adv[fooled]
-        if i == -1:
-            state = {
-                "x_prev": x_adv.clone(),
-                "x_best": x_adv.clone(),
-                "grad_best": grad.clone() if grad is not None else torch.zeros_like(x),
-                "loss_best": loss.clone(),
-                "correct_best": correct.clone(),
-                "step_size": torch.full(
-                    (len(x),) + (1,) * (x.dim() - 1), 2.0 * eps, dtype=x.dtype, device=x.device
-                ),  # fmt: skip
-                "loss_steps": torch.zeros(n_iter, len(x), dtype=loss.dtype, device=x.device),
-                "loss_at_check": loss.clone(),
-                "halved_at_check": torch.ones(len(x), dtype=torch.bool, device=x.device),
-            }
-        else:
-            state["loss_steps"][i] = loss
-            better = loss > state["loss_best"]
-            state["x_best"][better] = x_adv[better]
-            if grad is not None:
-                state["grad_best"][better] = grad[better]
-            state["loss_best"][better] = loss[better]
-            state["correct_best"][better] = correct[better]
-            since_check += 1
-            if since_check == k:
-                halve = _too_few_increases(state["loss_steps"], i, k, rho)
-                halve |= ~state["halved_at_check"] & (state["loss_at_check"] >= state["loss_best"])
-                state["halved_at_check"], state["loss_at_check"] = halve.clone(), state["loss_best"].clone()
-                state["step_size"][halve] /= 2.0
-                x_adv[halve] = state["x_best"][halve]
-                if grad is not None:
-                    grad[halve] = state["grad_best"][halve]
-                since_check, k = 0, max(k - decrease, smallest)
-        if early_exit and not last and bool(fooled.any()):
-            _write_best(out, state, active, fooled)
-            keep = correct
-            active, x, y, x_adv = active[keep], x[keep], y[keep], x_adv[keep]
-            y_target = None if y_target is None else y_target[keep]
-            grad = None if grad is None else grad[keep]
-            state = {key: v[:, keep] if key == "loss_steps" else v[keep] for key, v in state.items()}
-            if len(active) == 0:
-                break
-    _write_best(out, state, active, torch.ones(len(active), dtype=torch.bool, device=active.device))
-    return out
-
-
-def _write_best(out: APGDRun, state: dict, active: torch.Tensor, rows: torch.Tensor) -> None:
-    """Copy the best point of the state's ``rows`` (a mask over ``active``) into ``out``."""
-    out.x_best[active[rows]] = state["x_best"][rows]
-    out.loss_best[active[rows]] = state["loss_best"][rows]
-    out.correct_at_best[active[rows]] = state["correct_best"][rows]
 
 
 def apgd_single_run(
@@ -304,7 +100,7 @@ def apgd_single_run(
         x, y = autograd_input(x), autograd_input(y)
         y_target = None if y_target is None else autograd_input(y_target)
         start = autograd_input(x_init).clamp(0, 1)
-        return _apgd_run(
+        return run_apgd(
             model, x, y, start, eps, norm=norm, n_iter=n_iter, rho=rho, y_target=y_target, early_exit=early_exit,
         )  # fmt: skip
 
@@ -428,7 +224,7 @@ def _attack_robust(
     if target_rank is not None:
         with torch.no_grad():  # the target ranks, from the clean logits of the samples attacked
             y_target = model(x[rows]).sort(dim=1)[1][:, -target_rank]
-    run = _apgd_run(
+    run = run_apgd(
         model, x[rows], y[rows], start[rows].clamp(0, 1), eps, norm=norm, n_iter=n_iter, rho=rho,
         y_target=y_target, early_exit=False,
     )  # fmt: skip
@@ -451,40 +247,73 @@ def apgd_robust(
     seed: int = 0,
     random_start: bool = True,
     early_exit: bool = True,
+    max_rows: int | None = None,
     work=None,
 ) -> torch.Tensor:
     """Which samples withstand APGD-CE (``targeted=False``) or APGD-T: the robust-accuracy count's form.
 
-    Each run's start is a function of (seed, the sample's index ``idx``, the run) only
-    (:func:`apgd_unit_start`; ``random_start=False``: the clean input), so the result does not
-    depend on batching. ``early_exit=True``: robust = correct at every iterate of every run (as
-    AutoAttack counts; a sample leaves at the first iterate that fools it, and APGD-T attacks it
-    for the next target only if still robust). ``early_exit=False``: every sample gets every run
-    in full, and robust = correct at the best-loss point (the paper's output) of every run.
+    :func:`apgd_rows`' first output (the arguments are its own).
+    """
+    return apgd_rows(
+        model, x, y, idx, eps, targeted=targeted, norm=norm, n_iter=n_iter, n_target_classes=n_target_classes,
+        seed=seed, random_start=random_start, early_exit=early_exit, max_rows=max_rows, work=work,
+    )[0]  # fmt: skip
+
+
+def apgd_rows(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    idx: torch.Tensor,
+    eps: float,
+    *,
+    targeted: bool,
+    norm: str,
+    n_iter: int,
+    n_target_classes: int = 9,
+    seed: int = 0,
+    random_start: bool = True,
+    early_exit: bool = True,
+    max_rows: int | None = None,
+    work=None,
+) -> tuple[torch.Tensor, APGDRun]:
+    """(robust per sample, every run's :class:`APGDRun`): APGD-CE's run or APGD-T's runs, all in one batch.
+
+    APGD-T's runs, one per target class (the classes ranked 2nd, 3rd, ... by the clean logits),
+    are rows of one batch: row ``j · len(x) + i`` is sample ``i``'s run towards its ``(j + 2)``-th
+    class; APGD-CE has one row per sample. Each run's start is a function of (seed, the sample's
+    index ``idx``, the run) only (:func:`apgd_unit_start`; ``random_start=False``: the clean
+    input), so the result does not depend on batching. ``early_exit=True``: robust = correct at
+    every iterate of every run (as AutoAttack counts); a sample leaves the batch, all its runs at
+    once, at the first iterate that fools it in any run. The robust samples are those of running
+    the target classes one after the other, each on the samples still robust (AutoAttack's way):
+    both need every run of a robust sample in full, and a sample fooled by one run is broken
+    either way. ``early_exit=False``: every run in full, and robust = correct at the best-loss
+    point (the paper's output) of every run. ``max_rows``: rows per model call (None: ``len(x)``,
+    so the caller's batch size bounds the memory whatever the number of target classes).
     Samples are not checked at clean here: the caller passes those it attacks. No state
     handling (the caller's); ``work``: an ``AttackWork`` increased by the work done.
     """
-    robust = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    n = len(x)
     if targeted:
         with torch.no_grad():
             logits = model(x)
         if work is not None:
-            work.forwards += len(x)
+            work.forwards += n
         ranked = logits.sort(dim=1)[1]
-        runs = range(1, _n_targets(logits.shape[1], n_target_classes) + 1)
+        runs = list(range(1, _n_targets(logits.shape[1], n_target_classes) + 1))
+        y_target = torch.cat([ranked[:, -(run + 1)] for run in runs])
     else:
-        runs = range(1)
-    for run in runs:
-        rows = robust.nonzero().squeeze(1) if early_exit else torch.arange(len(x), device=x.device)
-        if len(rows) == 0:
-            break
-        xs = x[rows]
-        start = (
-            (xs + eps * apgd_unit_start(xs, idx[rows], seed, norm, run)).clamp(0, 1) if random_start else xs
-        )
-        result = _apgd_run(
-            model, xs, y[rows], start, eps, norm=norm, n_iter=n_iter, rho=0.75,
-            y_target=ranked[rows, -(run + 1)] if targeted else None, early_exit=early_exit, work=work,
-        )  # fmt: skip
-        robust[rows] &= result.robust if early_exit else result.correct_at_best
-    return robust
+        runs, y_target = [0], None
+    if random_start:
+        start = torch.cat([(x + eps * apgd_unit_start(x, idx, seed, norm, run)).clamp(0, 1) for run in runs])
+    else:
+        start = x.repeat(len(runs), *([1] * (x.dim() - 1)))
+    result = run_apgd(
+        model, x.repeat(len(runs), *([1] * (x.dim() - 1))), y.repeat(len(runs)), start, eps, norm=norm,
+        n_iter=n_iter, rho=0.75, y_target=y_target, early_exit=early_exit,
+        groups=torch.arange(n, device=x.device).repeat(len(runs)), max_rows=n if max_rows is None else max_rows,
+        work=work,
+    )  # fmt: skip
+    ok = result.robust if early_exit else result.correct_at_best
+    return ok.view(len(runs), n).all(dim=0), result

@@ -22,7 +22,7 @@ from torch import nn
 
 from lightning_modules.data import load_mnist5k
 from lightning_modules.models import mlp
-from measures.apgd import apgd, apgd_robust, apgd_single_run, apgd_targeted, apgd_unit_start
+from measures.apgd import apgd, apgd_robust, apgd_rows, apgd_single_run, apgd_targeted, apgd_unit_start
 from measures.attacks import (
     AttackSpec,
     AttackWork,
@@ -316,6 +316,52 @@ def test_counts_equal_the_attack_functions_from_the_per_sample_starts(model_and_
         adv = apgd_targeted(model, x, y, eps, n_iter=N_ITER, n_target_classes=4, x_init=starts)
     assert torch.equal(masks[spec.key], ~fooled(model, adv, y))
     assert 0 < masks[spec.key].sum() < masks["clean"].sum()
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_batched_target_classes_equal_each_run_alone(norm):
+    """APGD-T's target classes as rows of one batch (model calls of 5 rows), a sample leaving with all
+    its runs when one is fooled, against every (sample, target class) run alone: a batch of one,
+    ``apgd_single_run`` from the same start with early exit. The same samples broken; each broken
+    sample's fooled runs fooled alone too, at the same first fooling iterate; every robust sample's
+    best point and loss in every run. In float64: the batch changes the model's rounding only."""
+    model = small_cnn(dtype=torch.float64)
+    x, y = attack_data(30, seed=1, dtype=torch.float64)
+    with torch.no_grad():
+        logits = model(x)
+    y = torch.where(torch.arange(len(y)) % 3 == 0, y, logits.argmax(1))
+    keep = logits.argmax(1) == y  # the caller attacks the samples correct at clean
+    x, y, logits = x[keep], y[keep], logits[keep]
+    n, n_targets, seed, eps = len(x), 4, 7, EPS[norm]
+    idx = torch.arange(n) + 50
+    robust, rows = apgd_rows(
+        model, x, y, idx, eps, targeted=True, norm=norm, n_iter=N_ITER, n_target_classes=n_targets,
+        seed=seed, max_rows=5,
+    )  # fmt: skip
+    ranked = logits.sort(dim=1)[1]
+    left_with_group = 0  # broken samples whose first run was not fooled when another one was
+    for i in range(n):
+        one = slice(i, i + 1)
+        alone = [
+            apgd_single_run(
+                model, x[one], y[one], (x[one] + eps * apgd_unit_start(x[one], idx[one], seed, norm, j + 1)),
+                eps, norm=norm, n_iter=N_ITER, y_target=ranked[one, -(j + 2)], early_exit=True,
+            )
+            for j in range(n_targets)
+        ]  # fmt: skip
+        assert bool(robust[i]) == all(bool(a.robust) for a in alone), i
+        for j, a in enumerate(alone):
+            r = j * n + i
+            if robust[i]:
+                assert torch.allclose(rows.x_best[r], a.x_best[0], rtol=0, atol=1e-12), (i, j)
+                assert torch.allclose(rows.loss_best[r], a.loss_best[0], rtol=1e-12, atol=1e-12), (i, j)
+            elif not rows.robust[r]:
+                assert not a.robust, (i, j)
+                assert torch.allclose(rows.x_fooled[r], a.x_fooled[0], rtol=0, atol=1e-12), (i, j)
+        assert robust[i] or not rows.robust[i::n].all(), i  # a broken sample has a fooled run
+        left_with_group += not robust[i] and bool(rows.robust[i])
+    assert 0 < robust.sum() < n  # both outcomes
+    assert left_with_group > 0  # the rows of a sample leave together
 
 
 def test_per_sample_starts_are_in_the_ball_and_independent_per_run():
