@@ -152,6 +152,7 @@ SCHEMA: dict[str, Field] = {
     "provenance": Field("dict", doc="commit, library versions, machine"),
     "resumed_from": Field("str", doc="the checkpoint the last segment resumed from"),
     "data_on_device": Field("bool", doc="whether the latest segment gathered its batches on the device"),
+    "hessian_products": Field("dict", doc="the Hessian callback's product mode, its timings, batch size"),
     "accepted_code_changes": Field("list", doc="code changes a user accepted"),
     "error": Field("str", doc="why the job failed or was interrupted"),
     "traceback": Field("str", doc="the last lines of the failure's traceback"),

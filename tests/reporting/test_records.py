@@ -50,6 +50,8 @@ def realistic_record() -> dict:
         "batch_plan": {"global_batch": 64, "world_size": 1, "per_device": 64, "micro_batch": 64},
         "provenance": {"commit": "0123abcd", "torch": "2.14.1", "machine": "cpu"},
         "resumed_from": None,
+        "data_on_device": False,
+        "hessian_products": {"batch_size": 250, "hvp": "double_backward", "hvp_ms_double_backward": 4.0},
         "accepted_code_changes": [],
         "error": None,
         "traceback": None,
