@@ -116,6 +116,12 @@ def run_in_process_group(fn, *args, world_size: int = 2, timeout: float = 300.0)
     return [results[r] for r in range(world_size)]
 
 
+def wall_clock(key: str) -> bool:
+    """A metric that is a time, not a result (eval/seconds, hessian/seconds, hessian/hvp_ms_<mode>):
+    left out where runs are compared."""
+    return key.endswith("/seconds") or "/hvp_ms_" in key
+
+
 # ---- references and small models ---------------------------------------------------------------
 def exact_hessian(model, loss_fn, x, y) -> torch.Tensor:
     """Dense Hessian of the mean loss over all samples w.r.t. the flat trainable parameters."""

@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from tests.helpers import records, run_train
+from tests.helpers import records, run_train, wall_clock
 
 pytestmark = pytest.mark.slow
 
@@ -17,10 +17,6 @@ NOT_COMPARED_ACROSS_WORLD_SIZES = {
     "opt/micro_batch",
     "train/loss_step",  # rank 0's own micro-batch loss (logged per step, not reduced over ranks)
 }
-
-
-def _wall_clock(key: str) -> bool:
-    return key.endswith("/seconds")  # eval/seconds, hessian/seconds, adv/seconds: time, not results
 
 
 def _close(a: float, b: float) -> bool:
@@ -46,7 +42,7 @@ def test_trainer_logs_identical_measurements_on_one_and_two_processes(tmp_path):
     args = ["logger=csv", "trainer.enable_progress_bar=false", "model=mlp", "trainer.max_epochs=2", "trainer.precision=64-true", "optimizer.batch_size=256",
             "callbacks.hessian.subset_size=301", "callbacks.hessian.batch_size=100", "callbacks.hessian.trace=true", "callbacks.hessian.smallest=true",
             "callbacks.adversarial.subset_size=151", "callbacks.adversarial.batch_size=64",
-            "callbacks.adversarial.eps=[0,0.05,0.1]"]  # fmt: skip
+            "callbacks.adversarial.eps=[0,0.05,0.1]", "callbacks.hessian.hvp=double_backward"]  # fmt: skip
     run_train(args, tmp_path / "one")
     spawned = run_train([*args, "trainer=ddp_spawn", "trainer.devices=2"], tmp_path / "two")
     assert "sync_dist=True" not in spawned.stderr
@@ -66,7 +62,7 @@ def test_trainer_logs_identical_measurements_on_one_and_two_processes(tmp_path):
     assert one["last"]["adv/n_samples"] == 151
 
     # the final record: every key, 1 process vs 2
-    compared = {k for k in {*one["final"], *two["final"]} if not _wall_clock(k)}
+    compared = {k for k in {*one["final"], *two["final"]} if not wall_clock(k)}
     compared -= NOT_COMPARED_ACROSS_WORLD_SIZES
     assert {"val/loss", "test/loss", "train_eval/loss", "gen_gap/loss", "hessian/lambda_1"} <= compared
     only_one = sorted(k for k in compared if k not in two["final"])
@@ -80,7 +76,7 @@ def test_trainer_logs_identical_measurements_on_one_and_two_processes(tmp_path):
     assert not differ, f"final differs between 1 and 2 processes (1, 2): {differ}"
     # the final model is the last epoch's: the final evaluation equals the last history row
     for name, rec in (("1 process", one), ("2 processes", two)):
-        same_model = [k for k in rec["final"] if k in rec["last"] and not _wall_clock(k)]
+        same_model = [k for k in rec["final"] if k in rec["last"] and not wall_clock(k)]
         assert "test/loss" in same_model and "hessian/lambda_1" in same_model
         stale = {
             k: (rec["final"][k], rec["last"][k])

@@ -21,7 +21,7 @@ from lightning_modules.config import ConfigError, SGDConfig
 from lightning_modules.data import ImageDataModule
 from lightning_modules.models import mlp
 from lightning_modules.module import SGDClassifier
-from tests.helpers import NO_MEASURE, records, run_train
+from tests.helpers import NO_MEASURE, records, run_train, wall_clock
 from tests.integration.test_mid_epoch_resume import ARGS, EVERY, ONE_DEVICE, kill_inside_second_epoch
 
 
@@ -50,7 +50,7 @@ def _fit(on_device: bool, tmp_path) -> tuple[dict, dict, torch.Tensor, dict]:
     trainer.fit(module, datamodule=dm)
     trainer.loggers = []
     (final,) = trainer.validate(module, datamodule=dm, verbose=False)[:1]
-    final = {k: v for k, v in final.items() if not k.endswith("/seconds")}  # wall-clock time
+    final = {k: v for k, v in final.items() if not wall_clock(k)}  # wall-clock time
     weights = {k: v.clone() for k, v in module.state_dict().items()}
     return final, weights, torch.get_rng_state(), json.loads(path.read_text())
 
@@ -77,7 +77,7 @@ def test_a_bad_value_is_refused_before_anything_is_built(compose):
 
 
 def _final(rec: dict) -> dict:
-    return {k: v for k, v in rec["final"].items() if not k.endswith("/seconds")}
+    return {k: v for k, v in rec["final"].items() if not wall_clock(k)}
 
 
 @pytest.mark.slow
