@@ -119,6 +119,7 @@ def sizes(device: torch.device, quick: bool) -> dict:
         "resnet_epochs": 4 if gpu else 1,
         "resnet_small": [] if gpu else ["trainer.max_steps=3", "callbacks.hessian.subset_size=32",
                                         "callbacks.adversarial.subset_size=32", "callbacks.hessian.k=1",
+                                        "data.train_eval_size=200",
                                         *(["callbacks.hessian.tol=1e-2"] if quick else [])],
         "cifar_steps": 300 if gpu else (4 if quick else 30),
         "cifar_batch": 128 if gpu else 32,
